@@ -1,0 +1,78 @@
+"""One builder for every variant: architecture, pretrained weights, local checkpoints, features-only mode."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ..checkpoint import load_checkpoint
+from .metanext import MetaNeXt
+from .pretrained import fetch_pretrained
+from .registry import get_entry, list_models
+
+__all__ = ["create_model", "register_in_timm"]
+
+# Builder options that are not architecture arguments.
+_TIMM_IGNORED = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | os.PathLike | None = None,
+    *,
+    features_only: bool = False,
+    out_indices: Sequence[int] | None = None,
+    use_ema: bool = False,
+    **kwargs: Any,
+) -> MetaNeXt:
+    """Build a registered model.
+
+    Args:
+        name: a name from :func:`list_models` (an unknown name raises with the closest names).
+        pretrained: load the released ImageNet-1K weights (downloaded once, then cached).
+        checkpoint_path: load this file instead (any layout :mod:`inceptionnext.checkpoint` accepts).
+        features_only: return a backbone whose forward gives the stage maps of ``out_indices``.
+        use_ema: with ``checkpoint_path``, take the EMA weights of a training checkpoint.
+        **kwargs: override architecture arguments (``num_classes``, ``in_chans``, ``drop_path_rate``, ...).
+            Weights keep loading with another ``num_classes`` (the classifier is re-initialised, with a warning).
+    """
+    entry = get_entry(name)
+    for key in _TIMM_IGNORED:
+        kwargs.pop(key, None)
+    model = MetaNeXt(**{**entry.arch_kwargs(), **kwargs})
+    model.pretrained_cfg = entry.cfg.to_dict() | {"architecture": name}
+    model.default_cfg = model.pretrained_cfg
+    if features_only:
+        model.as_features(out_indices)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path, use_ema=use_ema)
+    elif pretrained:
+        load_checkpoint(model, fetch_pretrained(name, entry.cfg))
+    return model
+
+
+def _timm_entrypoint(name: str):
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> MetaNeXt:
+        return create_model(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = get_entry(name).description
+    return entrypoint
+
+
+def register_in_timm() -> list[str]:
+    """Make ``timm.create_model(name)`` build this package's models. Names timm already uses are left alone."""
+    import timm
+    from timm.models import register_model
+
+    existing = set(timm.list_models())
+    added = []
+    for name in list_models():
+        if name in existing:
+            continue
+        register_model(_timm_entrypoint(name))
+        added.append(name)
+    return added
