@@ -277,8 +277,10 @@ class MetaNeXt(nn.Module):
     def get_classifier(self) -> nn.Module:
         return getattr(self.head, self.head.classifier_name)
 
-    def classifier_keys(self) -> tuple[str, str]:
+    def classifier_keys(self) -> tuple[str, ...]:
         """State-dict keys of the final classifier layer (re-initialised when num_classes differs)."""
+        if not hasattr(self.head, "classifier_name"):  # head pruned (features-only backbone)
+            return ()
         name = f"head.{self.head.classifier_name}"
         return f"{name}.weight", f"{name}.bias"
 
