@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -23,6 +25,35 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="shell glob of model names (default: all)")
     p.add_argument("--figure", default="figure3_flops.png", help="where to write Figure 3 (PNG); '' to skip")
     p.add_argument("--json", default=None, help="also write the table as JSON to this file")
+
+    from .engine.config import add_config_arguments, list_recipes
+
+    p = sub.add_parser(
+        "train",
+        help="train or fine-tune (torchrun --nproc_per_node N -m inceptionnext train ... for several processes)",
+        description="Defaults < --recipe/--config < flags. An output directory holding last.pth is resumed.",
+    )
+    p.add_argument("--recipe", default=None, help=f"packaged recipe: {', '.join(list_recipes())}")
+    p.add_argument("--config", default=None, help="a YAML recipe file (same keys as the packaged ones)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH",
+        help="continue from this checkpoint (default: OUTPUT/last.pth when it exists)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(p)
+
+    p = sub.add_parser("validate", help="top-1/top-5 of a checkpoint or released weights")
+    p.add_argument("--model", default=None, help="model name (read from this package's training checkpoints)")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file")
+    p.add_argument("--pretrained", action="store_true", help="validate the released weights of --model")
+    p.add_argument("--data", default=None, help="ImageFolder root with val/ (default: the embedded digits set)")
+    p.add_argument("--use-ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--output", default=None, help="directory for results.json and results.csv")
     return parser
 
 
@@ -72,10 +103,88 @@ def _cmd_complexity(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    import shutil
+
+    import yaml
+
+    from .engine import NonFiniteLossError, resolve_config, train
+    from .engine.config import overrides_from_args
+
+    if args.recipe and args.config:
+        print("error: give --recipe or --config, not both", file=sys.stderr)
+        return 2
+    cfg = resolve_config(args.recipe or args.config, overrides_from_args(args))
+    if args.resume:
+        last = Path(cfg.output) / "last.pth"
+        if Path(args.resume).resolve() != last.resolve():
+            last.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(args.resume, last)
+    if args.dry_run:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        resolved = cfg.to_dict() | {"effective_batch": cfg.effective_batch(world), "scaled_lr": cfg.scaled_lr(world)}
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        return 0
+    try:
+        summary = train(cfg)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if int(os.environ.get("RANK", "0")) == 0:
+        best = summary["best"]
+        print(
+            f"best top-1 {best['top1']:.2f}% ({best['which']} weights, epoch {best['epoch']}); "
+            f"outputs in {summary['output']}"
+        )
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .engine import validate
+
+    result = validate(
+        args.model,
+        args.checkpoint,
+        pretrained=args.pretrained,
+        data=args.data,
+        use_ema=args.use_ema,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        amp=args.amp,
+        output=args.output,
+    )
+    print(
+        f"{result['model']} on {result['data']} ({result['count']} images, {result['img_size']}px, "
+        f"crop_pct {result['crop_pct']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"loss {result['loss']:.4f}  [{result['weights']}]"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    handlers = {"list": _cmd_list, "complexity": _cmd_complexity}
-    return handlers[args.command](args)
+    handlers = {"list": _cmd_list, "complexity": _cmd_complexity, "train": _cmd_train, "validate": _cmd_validate}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .models import PretrainedWeightsUnavailable, UnknownModelError
+
+        if isinstance(
+            e,
+            (
+                CheckpointError,
+                DataError,
+                PretrainedWeightsUnavailable,
+                UnknownModelError,
+                ValueError,
+                FileNotFoundError,
+            ),
+        ):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

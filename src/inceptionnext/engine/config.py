@@ -1,0 +1,196 @@
+"""Training configuration: defaults < recipe YAML < command-line flags, resolved once and saved with the run."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["TrainConfig", "list_recipes", "load_recipe", "resolve_config", "add_config_arguments", "git_revision"]
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse vocabulary
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Field names are the YAML keys; ``--field-name`` the flags."""
+
+    # model
+    model: str = _f("inceptionnext_atto", "registered model name")
+    pretrained: bool = _f(False, "start from the released ImageNet-1K weights")
+    initial_checkpoint: str | None = _f(None, "start from this checkpoint (any layout the loader accepts)")
+    model_kwargs: dict = _f({}, "extra architecture arguments, e.g. {norm: layernorm}", cli=False)
+    img_size: int = _f(224, "training and evaluation resolution")
+    drop_path: float = _f(0.1, "peak stochastic depth rate (Table 9)")
+    drop: float = _f(0.0, "dropout before the classifier (Table 9)")
+    ls_init_value: float | None = _f(1e-6, "LayerScale init; null keeps the model's")
+    # data
+    data: str | None = _f(None, "ImageFolder root with train/ and val/; default: the embedded digits set")
+    workers: int = _f(4, "data loading processes per training process")
+    # optimisation
+    epochs: int = _f(300, "training epochs")
+    batch_size: int = _f(128, "images per process and micro-step")
+    grad_accum_steps: int = _f(1, "micro-steps per optimizer step")
+    lr: float = _f(4e-3, "peak learning rate for a global batch of lr_base_batch")
+    lr_base_batch: int = _f(4096, "global batch the lr is given for; scaled linearly to the effective batch")
+    min_lr: float = _f(1e-6, "cosine floor")
+    warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up")
+    warmup_epochs: float = _f(20, "linear warm-up length in epochs")
+    sched: str = _f("cosine", "cosine | none (constant)")
+    opt: str = _f("adamw", "optimizer (timm name)")
+    opt_eps: float = _f(1e-8, "Adam epsilon")
+    opt_betas: list = _f([0.9, 0.999], "Adam betas")
+    weight_decay: float = _f(0.05, "decoupled weight decay (not on norms, biases, LayerScale)")
+    clip_grad: float | None = _f(None, "clip the global gradient norm to this value")
+    # augmentation and regularisation
+    aa: str | None = _f("rand-m9-mstd0.5-inc1", "RandAugment policy (timm string); null disables")
+    color_jitter: float = _f(0.4, "color jitter strength")
+    hflip: float = _f(0.5, "horizontal flip probability")
+    scale: list = _f([0.08, 1.0], "RandomResizedCrop scale range")
+    ratio: list = _f([0.75, 4 / 3], "RandomResizedCrop aspect-ratio range")
+    reprob: float = _f(0.25, "RandomErasing probability")
+    mixup: float = _f(0.8, "Mixup alpha (0 disables)")
+    cutmix: float = _f(1.0, "CutMix alpha (0 disables)")
+    mixup_switch_prob: float = _f(0.5, "probability of CutMix instead of Mixup when both are on")
+    smoothing: float = _f(0.1, "label smoothing")
+    train_interpolation: str = _f("bicubic", "resize interpolation for training crops")
+    crop_pct: float | None = _f(None, "eval center-crop ratio; null: the model's pretrained config")
+    mean: list | None = _f(None, "normalisation mean; null: the model's pretrained config", cli=False)
+    std: list | None = _f(None, "normalisation std; null: the model's pretrained config", cli=False)
+    # EMA
+    model_ema: bool = _f(False, "keep an EMA of the weights, evaluated alongside the raw model")
+    model_ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
+    # runtime
+    amp: str = _f("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported; CPU runs fp32)")
+    channels_last: bool = _f(False, "train in channels_last memory format")
+    compile: bool = _f(False, "torch.compile the model")
+    grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA)")
+    seed: int = _f(0, "seed of everything (data order, augmentation, init)")
+    output: str = _f("output/train", "directory for checkpoints, config, logs and plots")
+    log_interval: int = _f(20, "optimizer steps between loss checks and log lines")
+    recipe: str | None = _f(None, "name of the recipe the run started from", cli=False)
+    notes: str = _f("", "where the recipe departs from other sources", cli=False)
+
+    def effective_batch(self, world_size: int) -> int:
+        return world_size * self.batch_size * self.grad_accum_steps
+
+    def scaled_lr(self, world_size: int) -> float:
+        """The paper's rule (Sec. 4.1): lr = base_lr x effective_batch / base_batch."""
+        return self.lr * self.effective_batch(world_size) / self.lr_base_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("inceptionnext.recipes").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: a recipe is a mapping of config keys, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"{source}: unknown config keys {unknown}; valid keys are the fields of TrainConfig")
+    return data
+
+
+def load_recipe(name_or_path: str) -> dict[str, Any]:
+    """A packaged recipe by name (``tiny``) or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        return _read_yaml(path.read_text(), str(path))
+    if name_or_path not in list_recipes():
+        raise ValueError(f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes())}")
+    text = resources.files("inceptionnext.recipes").joinpath(f"{name_or_path}.yaml").read_text()
+    return {"recipe": name_or_path, **_read_yaml(text, f"recipe {name_or_path}")}
+
+
+def resolve_config(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    values: dict[str, Any] = load_recipe(recipe) if recipe else {}
+    values.update({k: v for k, v in (overrides or {}).items()})
+    cfg = TrainConfig(**values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    if cfg.sched not in ("cosine", "none"):
+        raise ValueError(f"sched must be 'cosine' or 'none', got {cfg.sched!r}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
+        raise ValueError(f"amp must be auto, bf16, fp16 or fp32, got {cfg.amp!r}")
+    for name in ("epochs", "batch_size", "grad_accum_steps", "lr_base_batch", "img_size"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _arg_type(annotation: Any):
+    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing) | {"types": types})  # noqa: S307
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    base = args[0] if args else hint
+    optional = type(None) in typing.get_args(hint)
+
+    def parse(text: str):
+        if optional and text.lower() in ("none", "null"):
+            return None
+        return base(text)
+
+    return base, parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field; unset flags are absent from the namespace so the recipe keeps its value."""
+    for name, f in _FIELDS.items():
+        if not f.metadata.get("cli", True):
+            continue
+        flag = "--" + name.replace("_", "-")
+        base, parse = _arg_type(f.type)
+        if base is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"]
+            )
+        elif base is list:
+            parser.add_argument(flag, nargs="+", type=float, default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=f.metadata["help"])
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in _FIELDS}
+
+
+def git_revision() -> str:
+    """Commit of the source tree this package runs from (``+dirty`` with uncommitted changes), or ``unknown``."""
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

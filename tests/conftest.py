@@ -1,0 +1,26 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("INCEPTIONNEXT_NO_PROGRESS", "1")  # keep test logs free of progress bars
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory):
+    """A small real-image ImageFolder (ImageNet layout) made from scikit-learn's digits: 4 classes, 24 train and
+    6 val images per class, 32x32 RGB PNGs."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("digits_folder")
+    for c in range(4):
+        idx = np.flatnonzero(digits.target == c)[:30]
+        for split, part in (("train", idx[:24]), ("val", idx[24:])):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in part:
+                img = Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).resize((32, 32), Image.BICUBIC)
+                img.convert("RGB").save(d / f"{i}.png")
+    return root
