@@ -292,7 +292,7 @@ class _Run:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.step, self.best = ckpt["epoch"] + 1, ckpt["step"], ckpt["best"]
         restore_rng(ckpt["rng"])
-        self.metrics.truncate_after(ckpt["epoch"])
+        self.metrics.truncate_after(ckpt["epoch"] + 1)  # CSV epochs are 1-based
         self.log(f"resumed from {path} (epoch {ckpt['epoch']} done, step {self.step})")
 
     # ------------------------------------------------------------------------------------------------ loops
