@@ -3,7 +3,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test lint format clean-venv
+.PHONY: run complexity test lint format clean-venv
 
 $(STAMP): pyproject.toml requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -12,7 +12,13 @@ $(STAMP): pyproject.toml requirements.txt
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: train InceptionNeXt-A on the embedded digits set, then validate the best checkpoint.
+# A finished run in output/digits is resumed (nothing left to do) and validated again; delete it to retrain.
 run: $(STAMP)
+	$(VENV)/bin/inceptionnext train --recipe digits --output output/digits
+	$(VENV)/bin/inceptionnext validate --checkpoint output/digits/best.pth --output output/digits
+
+complexity: $(STAMP)
 	$(VENV)/bin/inceptionnext complexity --figure docs/figure3_flops.png
 
 lint: $(STAMP)

@@ -114,7 +114,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.recipe and args.config:
         print("error: give --recipe or --config, not both", file=sys.stderr)
         return 2
-    cfg = resolve_config(args.recipe or args.config, overrides_from_args(args))
+    overrides = overrides_from_args(args)
+    recipe = args.recipe or args.config
+    if recipe is None and overrides.get("data") is None:
+        recipe = "digits"  # no data and no recipe: the embedded default run
+        print(
+            "no --data and no --recipe: training with the 'digits' recipe on the embedded digits set", file=sys.stderr
+        )
+    cfg = resolve_config(recipe, overrides)
     if args.resume:
         last = Path(cfg.output) / "last.pth"
         if Path(args.resume).resolve() != last.resolve():

@@ -83,7 +83,7 @@ def plot_curves(csv_path: Path, png_path: Path) -> Path | None:
 
     epochs = [int(r["epoch"]) for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
-    ax1.plot(epochs, col("train_loss"), label="train loss")
+    ax1.plot(epochs, col("train_loss"), label="train loss (as optimised)")
     ax1.plot(epochs, col("val_loss"), label="val loss")
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("loss")
