@@ -54,7 +54,50 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--output", default=None, help="directory for results.json and results.csv")
+
+    p = sub.add_parser("predict", help="top-k classes of images or folders of images")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    _model_source_args(p)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--output", default=None, help="also write the JSON report to this file")
+
+    p = sub.add_parser("cam", help="class activation maps (Grad-CAM & co.) of one or more models, Figure-4 grid")
+    p.add_argument("images", nargs="+", help="image files and/or folders")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME[=CHECKPOINT]",
+        help="a column of the grid; repeat for several models (this package's or timm's)",
+    )
+    p.add_argument("--pretrained", action="store_true", help="load the released weights of models without checkpoint")
+    p.add_argument(
+        "--method", default="gradcam", help="gradcam, gradcam++, hirescam, xgradcam, layercam, eigencam, ..."
+    )
+    p.add_argument("--target-class", type=int, default=None, help="class index (default: each model's prediction)")
+    p.add_argument("--layer", default=None, help="target module name (default: the last stage)")
+    p.add_argument("--use-ema", action="store_true")
+    p.add_argument("--output", default="cam", help="directory for the overlays and cam_grid.png")
+
+    p = sub.add_parser("hub", help="export / push checkpoints in timm's Hugging Face layout")
+    hub = p.add_subparsers(dest="hub_command", required=True)
+    q = hub.add_parser("export", help="write config.json + model.safetensors to a folder")
+    _model_source_args(q)
+    q.add_argument("folder")
+    q = hub.add_parser("push", help="export and upload to the Hugging Face Hub")
+    _model_source_args(q)
+    q.add_argument("repo_id", help="OWNER/NAME on huggingface.co")
+    q.add_argument("--private", action="store_true")
     return parser
+
+
+def _model_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=None, help="checkpoint (this package's carry model, classes, preprocessing)")
+    p.add_argument("--model", default=None, help="model name (this package's, timm's, hf-hub:..., local-dir:...)")
+    p.add_argument("--pretrained", action="store_true", help="released weights of --model")
+    p.add_argument("--use-ema", action="store_true", help="EMA weights of a training checkpoint")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -168,9 +211,63 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from .inference import load_model
+
+    if args.checkpoint is None and args.model is None:
+        raise ValueError("give --checkpoint PATH and/or --model NAME")
+    return load_model(args.model, args.checkpoint, pretrained=args.pretrained, use_ema=args.use_ema)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .tools.predict import format_predictions, predict
+
+    report = predict(_load(args), args.inputs, topk=args.topk, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    text = json.dumps(report.to_dict(), indent=1)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text if args.format == "json" else format_predictions(report))
+    return 0 if report.predictions else 1
+
+
+def _cmd_cam(args: argparse.Namespace) -> int:
+    from .inference import find_images, load_model
+    from .tools.cam import cam_grid
+
+    models = []
+    for spec in args.model:
+        name, _, ckpt = spec.partition("=")
+        loaded = load_model(name or None, ckpt or None, pretrained=args.pretrained and not ckpt, use_ema=args.use_ema)
+        models.append((loaded.name if not ckpt else f"{loaded.name}", loaded))
+    images, problems = find_images(args.images)
+    grid, overlays, more = cam_grid(images, models, args.output, method=args.method, target_class=args.target_class,
+                                    layer=args.layer, progress=sys.stderr.isatty())  # fmt: skip
+    for p in problems + more:
+        print(f"skipped: {p}", file=sys.stderr)
+    print(f"{len(overlays)} overlays and the grid {grid} written to {args.output}")
+    return 0
+
+
+def _cmd_hub(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from .tools.hub import export_folder, push_to_hub
+
+    loaded = _load(args)
+    if args.hub_command == "export":
+        print(f"exported {loaded.name} to {export_folder(loaded, args.folder)}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        print(f"pushed {loaded.name} to {push_to_hub(export_folder(loaded, tmp), args.repo_id, private=args.private)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    handlers = {"list": _cmd_list, "complexity": _cmd_complexity, "train": _cmd_train, "validate": _cmd_validate}
+    handlers = {
+        "list": _cmd_list, "complexity": _cmd_complexity, "train": _cmd_train, "validate": _cmd_validate,
+        "predict": _cmd_predict, "cam": _cmd_cam, "hub": _cmd_hub,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from ..checkpoint import load_state_dict_checked
 from ..data import SeededTransform, build_dataset, build_transform
-from ..models import create_model
+from ..models import is_model
+from ..models.factory import create_any_model
 from .checkpointing import atomic_save, capture_rng, restore_rng
 from .config import TrainConfig, git_revision
 from .distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
@@ -123,9 +124,9 @@ def evaluate(
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
     kwargs.update(num_classes=num_classes, drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
-    if cfg.ls_init_value is not None:
+    if cfg.ls_init_value is not None and is_model(cfg.model):  # timm peers have no LayerScale argument
         kwargs["ls_init_value"] = cfg.ls_init_value
-    return create_model(
+    return create_any_model(
         cfg.model,
         pretrained=cfg.pretrained and not cfg.initial_checkpoint,
         checkpoint_path=cfg.initial_checkpoint,

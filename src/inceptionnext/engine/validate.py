@@ -7,12 +7,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from timm.data import create_transform
 from torch.utils.data import DataLoader
 
-from ..checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
 from ..data import SeededTransform, build_dataset
-from ..models import create_model
+from ..inference import eval_transform, load_model
 from .distributed import cleanup_distributed, init_distributed
 from .trainer import ShardSampler, autocast_settings, evaluate
 
@@ -36,43 +34,20 @@ def validate(
     released weights of ``model_name``. Writes ``results.json`` and ``results.csv`` to ``output`` when given."""
     if checkpoint is None and not pretrained:
         raise ValueError("give a checkpoint (--checkpoint PATH) or --pretrained")
-    obj = read_checkpoint(checkpoint) if checkpoint else None
-    own = isinstance(obj, dict) and "config" in obj and "class_names" in obj
-    if own:
-        cfg = obj["config"]
-        model_name = model_name or obj["model_name"]
-        data = data if data is not None else cfg.get("data")
-        classes = obj["class_names"]
-        model = create_model(model_name, num_classes=len(classes), **cfg.get("model_kwargs", {}))
-        load_state_dict_checked(model, extract_state_dict(obj, use_ema=use_ema), source=str(checkpoint))
-        pre = dict(obj["eval_preprocessing"])
-        weights = f"{checkpoint} ({'EMA' if use_ema else 'raw'} weights, epoch {obj['epoch'] + 1})"
-    else:
-        if model_name is None:
-            raise ValueError(f"{checkpoint} is not a training checkpoint of this package: name the model (--model)")
-        model = create_model(model_name, pretrained=pretrained and checkpoint is None)
-        if checkpoint:
-            load_state_dict_checked(model, extract_state_dict(obj, use_ema=use_ema), source=str(checkpoint))
-        pre = {k: model.pretrained_cfg[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std")}
-        weights = checkpoint or f"released weights of {model_name}"
-        classes = None
-
+    loaded = load_model(model_name, checkpoint, pretrained=pretrained, use_ema=use_ema)
+    model, pre = loaded.model, loaded.preprocessing
+    if data is None and loaded.train_config is not None:
+        data = loaded.train_config.get("data")  # the run's own val set
     img_size = pre["input_size"][-1]
     dataset = build_dataset(data, "val", img_size)
-    if classes is not None and list(dataset.classes) != list(classes):
+    if loaded.train_config is not None and list(dataset.classes) != loaded.class_names:
         raise ValueError(
-            f"the val set's classes {list(dataset.classes)[:5]}... differ from the checkpoint's {list(classes)[:5]}..."
+            f"the val set's classes {list(dataset.classes)[:5]}... differ from the checkpoint's "
+            f"{loaded.class_names[:5]}..."
         )
     if model.num_classes != len(dataset.classes):
-        raise ValueError(f"{model_name} predicts {model.num_classes} classes, the val set has {len(dataset.classes)}")
-    transform = create_transform(
-        tuple(pre["input_size"]),
-        is_training=False,
-        crop_pct=pre["crop_pct"],
-        interpolation=pre["interpolation"],
-        mean=tuple(pre["mean"]),
-        std=tuple(pre["std"]),
-    )
+        raise ValueError(f"{loaded.name} predicts {model.num_classes} classes, the val set has {len(dataset.classes)}")
+    transform = eval_transform(pre)
     dist = init_distributed()
     try:
         model.to(dist.device)
@@ -87,13 +62,13 @@ def validate(
     finally:
         cleanup_distributed()
     result = {
-        "model": model_name,
-        "weights": str(weights),
+        "model": loaded.name,
+        "weights": loaded.weights,
         "data": data or "digits (embedded)",
         **metrics,
         "img_size": img_size,
-        "crop_pct": pre["crop_pct"],
-        "interpolation": pre["interpolation"],
+        "crop_pct": pre.get("crop_pct"),
+        "interpolation": pre.get("interpolation"),
     }
     if output:
         out = Path(output)

@@ -6,12 +6,14 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from torch import nn
+
 from ..checkpoint import load_checkpoint
 from .metanext import MetaNeXt
 from .pretrained import fetch_pretrained
-from .registry import get_entry, list_models
+from .registry import UnknownModelError, get_entry, is_model, list_models
 
-__all__ = ["create_model", "register_in_timm"]
+__all__ = ["create_model", "create_any_model", "register_in_timm"]
 
 # Builder options that are not architecture arguments.
 _TIMM_IGNORED = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir", "pretrained_strict")
@@ -53,8 +55,43 @@ def create_model(
     return model
 
 
+def create_any_model(
+    name: str, pretrained: bool = False, checkpoint_path: str | os.PathLike | None = None, **kwargs: Any
+) -> nn.Module:
+    """This package's models by name, else timm's (the peers of Tables 4-7 and Figure 4, ``hf-hub:``/``local-dir:``
+    sources included). Checkpoints go through this package's checked loader either way."""
+    if is_model(name):
+        return create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
+    import timm
+
+    if not (name in timm.list_models() or name.startswith(("hf-hub:", "local-dir:"))):
+        try:
+            get_entry(name)
+        except UnknownModelError as e:
+            raise UnknownModelError(f"{e} timm's models are accepted too (timm.list_models()).") from None
+    model = timm.create_model(name, pretrained=pretrained and checkpoint_path is None, **kwargs)
+    if checkpoint_path is not None:
+        load_checkpoint(model, checkpoint_path)
+    return model
+
+
+_PREPROCESSING = ("input_size", "crop_pct", "interpolation", "mean", "std", "label_names")
+
+
 def _timm_entrypoint(name: str):
-    def entrypoint(pretrained: bool = False, **kwargs: Any) -> MetaNeXt:
+    def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, **kwargs: Any) -> MetaNeXt:
+        cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else pretrained_cfg
+        kwargs.pop("pretrained_model_args", None)
+        if pretrained and isinstance(cfg, dict) and cfg.get("source") in ("local-dir", "hf-hub"):
+            # a folder exported by `inceptionnext hub export`: its weights, preprocessing and labels
+            from ..tools.hub import weights_file_for
+
+            if cfg.get("num_classes") is not None:
+                kwargs.setdefault("num_classes", cfg["num_classes"])
+            model = create_model(name, checkpoint_path=weights_file_for(cfg), **kwargs)
+            model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in _PREPROCESSING if k in cfg}}
+            model.default_cfg = model.pretrained_cfg
+            return model
         return create_model(name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
