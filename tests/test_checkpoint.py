@@ -294,3 +294,14 @@ def test_pretrained_uses_the_cached_release_file(monkeypatch, tmp_path):
         pretrained_mod.fetch_pretrained("inceptionnext_atto", bad)
     good = dataclasses.replace(cfg, sha256=pretrained_mod.sha256_file(cached))
     assert pretrained_mod.fetch_pretrained("inceptionnext_atto", good) == cached
+
+
+def test_timm_models_keep_their_own_keys(tmp_path):
+    # a timm ConvNeXt checkpoint must not be renamed to this package's layout when loaded into timm's ConvNeXt
+    src = _randomize(timm.create_model("convnext_atto", num_classes=3))
+    path = _save({"model": src.state_dict(), "epoch": 0}, tmp_path / "timm_convnext.pth")
+    model = timm.create_model("convnext_atto", num_classes=3)
+    load_checkpoint(model, path)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src(x))

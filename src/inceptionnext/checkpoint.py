@@ -169,8 +169,12 @@ def load_state_dict_checked(
     * A classifier of another size (another ``num_classes``) is left at its fresh init, with a warning.
     * A features-only backbone ignores the head (and pruned stages) of a classification checkpoint.
     """
-    layout = detect_layout(sd)
-    sd = remap_state_dict(sd)
+    from .models.metanext import MetaNeXt
+
+    # foreign layouts are renamed for this package's models only: a timm model keeps timm's keys
+    layout = detect_layout(sd) if isinstance(model, MetaNeXt) else "native"
+    if layout != "native":
+        sd = remap_state_dict(sd)
     own = model.state_dict()
     report = LoadReport(layout)
 
