@@ -190,3 +190,13 @@ def test_torch_hub_load_on_the_clone():
     assert all(callable(getattr(hubconf, name)) for name in list_models())  # one entry point per model
     model = torch.hub.load(str(ROOT), "inceptionnext_atto", source="local", num_classes=3)
     assert isinstance(model, inceptionnext.MetaNeXt) and model.num_classes == 3
+
+
+def test_any_model_name_resolves_to_this_package_or_timm():
+    from inceptionnext.models import UnknownModelError
+    from inceptionnext.models.factory import create_any_model
+
+    assert type(create_any_model("resnet18.a1_in1k")).__name__ == "ResNet"  # timm arch.tag
+    assert isinstance(create_any_model("inceptionnext_atto"), inceptionnext.MetaNeXt)
+    with pytest.raises(UnknownModelError, match="timm's models are accepted too"):
+        create_any_model("inceptionnext_tny")

@@ -64,7 +64,7 @@ def create_any_model(
         return create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
     import timm
 
-    if not (name in timm.list_models() or name.startswith(("hf-hub:", "local-dir:"))):
+    if not (timm.is_model(name.split(".")[0]) or name.startswith(("hf-hub:", "local-dir:"))):  # arch[.tag]
         try:
             get_entry(name)
         except UnknownModelError as e:
