@@ -60,23 +60,24 @@ def test_timm_inception_next_weights_give_the_same_logits(tmp_path, timm_name, o
     assert diff <= 1e-4
 
 
-def _timm_convnext_to_original(sd):
-    """timm ConvNeXt keys -> the original ConvNeXt code's keys (the inverse of timm's documented filter)."""
+def _to_original(sd):
+    """timm ConvNeXt keys, or this package's ConvNeXt-variant keys, written in the original ConvNeXt code's layout
+    (the released Table 1 files): the inverse of timm's documented filter, plus ``dwconv.conv`` for partial convs."""
     out = {}
     for k, v in sd.items():
         k = re.sub(r"^stem\.", "downsample_layers.0.", k)
         k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
         k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", k)
-        k = k.replace("conv_dw", "dwconv").replace("mlp.fc", "pwconv")
+        k = k.replace("conv_dw", "dwconv").replace("token_mixer.conv.", "dwconv.conv.").replace("mlp.fc", "pwconv")
         k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
-        out[k] = v
+        out[k] = v.flatten(1) if "pwconv" in k and k.endswith("weight") else v
     return out
 
 
 def test_convnext_tiny_original_layout_gives_the_same_logits(tmp_path):
     torch.manual_seed(0)
     ref = _randomize(timm.create_model("convnext_tiny"))
-    original = _timm_convnext_to_original(ref.state_dict())
+    original = _to_original(ref.state_dict())
     assert "downsample_layers.1.1.weight" in original and "stages.2.8.pwconv2.weight" in original
     # the conversion is exactly undone by timm's own filter: it really is the original layout
     back = timm_convnext_filter(original, ref)
@@ -126,22 +127,9 @@ def test_remap_is_a_pure_function_with_the_documented_key_map():
     assert detect_layout({"stem.weight": w, "blocks.0.dwconv.weight": w}) == "convnext_iso"
 
 
-def _to_original_partial(sd):
-    """This package's ConvNeXt-variant keys written in the released partial-ratio files' layout."""
-    out = {}
-    for k, v in sd.items():
-        k = re.sub(r"^stem\.", "downsample_layers.0.", k)
-        k = re.sub(r"^stages\.(\d+)\.downsample\.", r"downsample_layers.\1.", k)
-        k = re.sub(r"^stages\.(\d+)\.blocks\.(\d+)\.", r"stages.\1.\2.", k)
-        k = k.replace("token_mixer.conv.", "dwconv.conv.").replace("mlp.fc", "pwconv")
-        k = k.replace("head.norm.", "norm.").replace("head.fc.", "head.")
-        out[k] = v.flatten(1) if "pwconv" in k and k.endswith("weight") else v
-    return out
-
-
 def test_partial_ratio_release_layout_loads(tmp_path):
     src = _randomize(create_model("convnext_tiny_k3_par1_4"))
-    original = _to_original_partial(src.state_dict())
+    original = _to_original(src.state_dict())
     assert original["stages.0.0.dwconv.conv.weight"].shape == (24, 1, 3, 3)
     model = create_model("convnext_tiny_k3_par1_4", checkpoint_path=_save(original, tmp_path / "p.pth")).eval()
     x = torch.randn(1, 3, 64, 64)

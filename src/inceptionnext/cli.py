@@ -238,7 +238,7 @@ def _cmd_cam(args: argparse.Namespace) -> int:
     for spec in args.model:
         name, _, ckpt = spec.partition("=")
         loaded = load_model(name or None, ckpt or None, pretrained=args.pretrained and not ckpt, use_ema=args.use_ema)
-        models.append((loaded.name if not ckpt else f"{loaded.name}", loaded))
+        models.append((loaded.name, loaded))
     images, problems = find_images(args.images)
     grid, overlays, more = cam_grid(images, models, args.output, method=args.method, target_class=args.target_class,
                                     layer=args.layer, progress=sys.stderr.isatty())  # fmt: skip

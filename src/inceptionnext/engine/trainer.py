@@ -29,7 +29,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoint import load_state_dict_checked
-from ..data import SeededTransform, build_dataset, build_transform
+from ..data import SeededTransform, build_dataset, build_transform, eval_preprocessing
 from ..models import is_model
 from ..models.factory import create_any_model
 from .checkpointing import atomic_save, capture_rng, restore_rng
@@ -270,8 +270,6 @@ class _Run:
         }
 
     def eval_pre(self) -> dict[str, Any]:
-        from ..data import eval_preprocessing
-
         return eval_preprocessing(self.cfg, self.model_cfg)
 
     def save(self, epoch: int, is_best: bool) -> None:
