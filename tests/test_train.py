@@ -141,7 +141,7 @@ def test_seeded_transform_is_deterministic_and_leaves_global_rng_alone():
 
 def test_optimizer_has_no_decay_on_norms_biases_and_layerscale():
     model = create_model("inceptionnext_atto", num_classes=10)
-    opt = trainer_mod.build_optimizer(model, TrainConfig(), 1e-3)
+    opt = trainer_mod.build_optimizer(model, 1e-3, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}

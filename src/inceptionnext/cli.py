@@ -90,6 +90,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     _model_source_args(q)
     q.add_argument("repo_id", help="OWNER/NAME on huggingface.co")
     q.add_argument("--private", action="store_true")
+
+    from .segmentation.config import SEG_RECIPES, SegConfig
+
+    p = sub.add_parser("segment", help="semantic segmentation: UperNet / Semantic FPN on ADE20K or the embedded set")
+    seg = p.add_subparsers(dest="seg_command", required=True)
+    q = seg.add_parser("train", help="train (torchrun -m inceptionnext segment train ... for several processes)")
+    q.add_argument("--recipe", default=None, help=f"packaged recipe: {', '.join(list_recipes(SEG_RECIPES))}")
+    q.add_argument("--config", default=None, help="a YAML recipe file")
+    q.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(q, SegConfig)
+    q = seg.add_parser("eval", help="mIoU / mAcc / aAcc of a checkpoint")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--data", default=None, help="ADEChallengeData2016 root (default: the checkpoint's own data)")
+    q.add_argument("--mode", choices=["whole", "slide"], default=None, help="default: the checkpoint's eval_mode")
+    q.add_argument("--aug-test", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    q.add_argument("--output", default=None, help="directory for results.json (with per-class IoU)")
+    q = seg.add_parser("predict", help="colour-coded masks overlaid on images")
+    q.add_argument("inputs", nargs="+")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--output", default="segment_predictions")
+    q = seg.add_parser("benchmark", help="params, MACs and FPS as Tables 6 and 7 measure them")
+    q.add_argument("--head", choices=["upernet", "fpn"], action="append", help="default: both")
+    q.add_argument("--backbone", action="append", help="default: inceptionnext_tiny, _small, _base")
+    q.add_argument("--runs", type=int, default=3)
+    q.add_argument("--no-fps", action="store_true", help="only params and MACs (meta device, instant)")
     return parser
 
 
@@ -262,11 +287,17 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_segment(args: argparse.Namespace) -> int:
+    from .segmentation import commands
+
+    return commands.run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     handlers = {
         "list": _cmd_list, "complexity": _cmd_complexity, "train": _cmd_train, "validate": _cmd_validate,
-        "predict": _cmd_predict, "cam": _cmd_cam, "hub": _cmd_hub,
+        "predict": _cmd_predict, "cam": _cmd_cam, "hub": _cmd_hub, "segment": _cmd_segment,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

@@ -95,34 +95,39 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
-def list_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("inceptionnext.recipes").iterdir() if p.name.endswith(".yaml"))
+_FIELDS = _fields(TrainConfig)
+_PACKAGE = "inceptionnext.recipes"
 
 
-def _read_yaml(text: str, source: str) -> dict[str, Any]:
+def list_recipes(package: str = _PACKAGE) -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(package).iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str, cls: type) -> dict[str, Any]:
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{source}: a recipe is a mapping of config keys, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(_FIELDS))
+    unknown = sorted(set(data) - set(_fields(cls)))
     if unknown:
-        raise ValueError(f"{source}: unknown config keys {unknown}; valid keys are the fields of TrainConfig")
+        raise ValueError(f"{source}: unknown config keys {unknown}; valid keys are the fields of {cls.__name__}")
     return data
 
 
-def load_recipe(name_or_path: str) -> dict[str, Any]:
+def load_recipe(name_or_path: str, cls: type = TrainConfig, package: str = _PACKAGE) -> dict[str, Any]:
     """A packaged recipe by name (``tiny``) or a YAML file by path."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        return _read_yaml(path.read_text(), str(path))
-    if name_or_path not in list_recipes():
-        raise ValueError(f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes())}")
-    text = resources.files("inceptionnext.recipes").joinpath(f"{name_or_path}.yaml").read_text()
-    return {"recipe": name_or_path, **_read_yaml(text, f"recipe {name_or_path}")}
+        return _read_yaml(path.read_text(), str(path), cls)
+    if name_or_path not in list_recipes(package):
+        raise ValueError(f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes(package))}")
+    text = resources.files(package).joinpath(f"{name_or_path}.yaml").read_text()
+    return {"recipe": name_or_path, **_read_yaml(text, f"recipe {name_or_path}", cls)}
 
 
 def resolve_config(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
@@ -157,9 +162,13 @@ def _arg_type(annotation: Any):
     return base, parse
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def _number(text: str) -> int | float:
+    return int(text) if text.lstrip("-").isdigit() else float(text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """One flag per config field; unset flags are absent from the namespace so the recipe keeps its value."""
-    for name, f in _FIELDS.items():
+    for name, f in _fields(cls).items():
         if not f.metadata.get("cli", True):
             continue
         flag = "--" + name.replace("_", "-")
@@ -169,13 +178,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"]
             )
         elif base is list:
-            parser.add_argument(flag, nargs="+", type=float, default=argparse.SUPPRESS, help=f.metadata["help"])
+            parser.add_argument(flag, nargs="+", type=_number, default=argparse.SUPPRESS, help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=f.metadata["help"])
 
 
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k in _FIELDS}
+def overrides_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k in _fields(cls)}
 
 
 def git_revision() -> str:

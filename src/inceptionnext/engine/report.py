@@ -31,11 +31,11 @@ class MetricsLog:
         with open(self.path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def truncate_after(self, epoch: int) -> None:
-        """On resume, drop rows of epochs that the restored checkpoint does not include."""
+    def truncate_after(self, value: int, column: str = "epoch") -> None:
+        """On resume, drop rows (of epochs or steps) that the restored checkpoint does not include."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [r for r in self.rows() if int(r["epoch"]) <= epoch]
+        rows = [r for r in self.rows() if int(r[column]) <= value]
         fields = list(rows[0]) if rows else None
         with open(self.path, "w", newline="") as f:
             if fields:

@@ -134,12 +134,13 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     )
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, lr: float, *, opt: str = "adamw", weight_decay: float = 0.05, eps: float = 1e-8,
+    betas: tuple[float, float] = (0.9, 0.999),
+) -> torch.optim.Optimizer:  # fmt: skip
     """AdamW (or another timm optimizer) with weight decay on weights only: 1-D parameters (norms, biases) and
     the model's ``no_weight_decay()`` names (LayerScale) go to a group without decay."""
-    return create_optimizer_v2(
-        model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=tuple(cfg.opt_betas)
-    )
+    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, eps=eps, betas=tuple(betas))
 
 
 class _Run:
@@ -210,7 +211,9 @@ class _Run:
         self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
 
         self.lr = cfg.scaled_lr(dist.world_size)
-        self.optimizer = build_optimizer(model, cfg, self.lr)
+        self.optimizer = build_optimizer(
+            model, self.lr, opt=cfg.opt, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=cfg.opt_betas
+        )
         total = cfg.epochs * self.updates_per_epoch
         self.scheduler = None
         if cfg.sched == "cosine":

@@ -1,0 +1,86 @@
+"""Segmentation run configuration: defaults < recipe (``inceptionnext/segmentation/recipes``) < flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine.config import _f, load_recipe
+
+__all__ = ["SegConfig", "resolve_seg_config", "SEG_RECIPES"]
+
+SEG_RECIPES = "inceptionnext.segmentation.recipes"
+
+
+@dataclass
+class SegConfig:
+    """Every knob of a segmentation run. Field names are the YAML keys; ``--field-name`` the flags."""
+
+    # model
+    head: str = _f("upernet", "upernet | fpn")
+    backbone: str = _f("inceptionnext_tiny", "backbone model name")
+    pretrained: bool = _f(False, "initialise the backbone from the released ImageNet-1K weights")
+    backbone_checkpoint: str | None = _f(None, "initialise the backbone from this classification checkpoint")
+    stage_norm: str | None = _f(
+        "batchnorm", "norm on each backbone stage output (the authors add SyncBN): batchnorm | layernorm | none"
+    )
+    drop_path: float = _f(0.2, "backbone stochastic depth (Table 10)")
+    head_channels: int | None = _f(None, "width of the head (UperNet 512, FPN 256 when null); smaller for small data")
+    # data
+    data: str | None = _f(None, "ADEChallengeData2016 root; default: the embedded texture mosaics")
+    workers: int = _f(4, "data loading processes per training process")
+    crop_size: list = _f([512, 512], "training crop (h w)")
+    scale: list = _f([2048, 512], "resize scale (long short) for training (x ratio) and evaluation")
+    ratio_range: list = _f([0.5, 2.0], "random rescale ratio range")
+    cat_max_ratio: float = _f(0.75, "largest share of one class in a training crop")
+    photometric: bool = _f(True, "photometric distortion")
+    # optimisation
+    iterations: int = _f(160000, "optimizer steps")
+    batch_size: int = _f(2, "images per process and step")
+    lr: float = _f(6e-5, "peak learning rate for a global batch of lr_base_batch")
+    lr_base_batch: int = _f(16, "global batch the lr is given for; scaled linearly to the effective batch")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not on norms, biases, LayerScale)")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    warmup_iters: int = _f(1500, "linear warm-up steps")
+    warmup_ratio: float = _f(1e-6, "warm-up starts at lr x warmup_ratio")
+    poly_power: float = _f(1.0, "poly decay power")
+    min_lr: float = _f(0.0, "poly decay floor")
+    # evaluation
+    eval_interval: int = _f(16000, "steps between evaluations (and checkpoints)")
+    eval_mode: str = _f("whole", "whole | slide")
+    slide_crop: list = _f([512, 512], "sliding-window size (h w)")
+    slide_stride: list = _f([341, 341], "sliding-window stride (h w)")
+    aug_test: bool = _f(False, "multi-scale (0.5-1.75) + flip evaluation")
+    # runtime
+    amp: str = _f("auto", "auto | bf16 | fp16 | fp32 (CPU runs fp32)")
+    seed: int = _f(0, "seed of everything")
+    output: str = _f("output/segment", "directory for checkpoints, config, logs and plots")
+    log_interval: int = _f(50, "steps between loss checks and progress updates")
+    recipe: str | None = _f(None, "name of the recipe the run started from", cli=False)
+    notes: str = _f("", "where the recipe departs from other sources", cli=False)
+
+    def effective_batch(self, world_size: int) -> int:
+        return world_size * self.batch_size
+
+    def scaled_lr(self, world_size: int) -> float:
+        return self.lr * self.effective_batch(world_size) / self.lr_base_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve_seg_config(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> SegConfig:
+    values: dict[str, Any] = load_recipe(recipe, SegConfig, SEG_RECIPES) if recipe else {}
+    values.update(overrides or {})
+    if isinstance(values.get("stage_norm"), str) and values["stage_norm"].lower() in ("none", "null"):
+        values["stage_norm"] = None
+    cfg = SegConfig(**values)
+    if cfg.head not in ("upernet", "fpn"):
+        raise ValueError(f"head must be 'upernet' or 'fpn', got {cfg.head!r}")
+    if cfg.eval_mode not in ("whole", "slide"):
+        raise ValueError(f"eval_mode must be 'whole' or 'slide', got {cfg.eval_mode!r}")
+    for name in ("iterations", "batch_size", "eval_interval", "lr_base_batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    return cfg
