@@ -68,3 +68,93 @@ def test_segmentation_recipes_hold_the_papers_values(recipe, head, backbone, ite
         assert (cfg.weight_decay, cfg.warmup_iters, cfg.poly_power) == (0.01, 1500, 1.0)
     else:
         assert cfg.poly_power == 0.9
+
+
+# --------------------------------------------------------------------------------------------- end to end
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ade_folder(tmp_path_factory):
+    """A tiny ADEChallengeData2016-layout folder of real texture mosaics (labels 1..3, 0 = ignore at the seams)."""
+    from inceptionnext.segmentation.data import TextureMosaicDataset
+
+    root = tmp_path_factory.mktemp("ADEChallengeData2016")
+    for split, src, n in (("training", "train", 8), ("validation", "val", 4)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "annotations" / split).mkdir(parents=True)
+        ds = TextureMosaicDataset(src, size=64, length=n)
+        for i in range(n):
+            img, mask = ds.load(i)
+            ann = (mask + 1).astype(np.uint8)
+            ann[:, 31:33] = 0  # an ignored seam
+            Image.fromarray(img).save(root / "images" / split / f"ADE_{split}_{i:08d}.jpg")
+            Image.fromarray(ann).save(root / "annotations" / split / f"ADE_{split}_{i:08d}.png")
+    return root
+
+
+def _args(data, out, *extra):
+    return [
+        sys.executable, "-m", "inceptionnext", "segment", "train", "--data", str(data), "--output", str(out),
+        "--head", "upernet", "--backbone", "inceptionnext_atto", "--no-pretrained", "--head-channels", "16",
+        "--crop-size", "64", "64", "--scale", "64", "64", "--ratio-range", "0.75", "1.25", "--iterations", "6",
+        "--batch-size", "2", "--lr", "1e-3", "--lr-base-batch", "2", "--warmup-iters", "2", "--eval-interval", "3",
+        "--workers", "0", "--drop-path", "0.1", *extra,
+    ]  # fmt: skip
+
+
+def _run(args, **env):
+    return subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
+
+
+def test_segment_train_resume_eval_and_predict(ade_folder, tmp_path):
+    from inceptionnext.engine.trainer import FAULT_ENV
+
+    full = _run(_args(ade_folder, tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = _run(_args(ade_folder, tmp_path / "cut"), **{FAULT_ENV: "5"})  # checkpoint at step 3, killed at 5
+    assert killed.returncode == 137
+    resumed = _run(_args(ade_folder, tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    assert a["step"] == b["step"] == 6
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
+    rows = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["3", "6"]
+
+    import json
+
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    ev = _run([sys.executable, "-m", "inceptionnext", "segment", "eval", "--checkpoint",
+               str(tmp_path / "full" / "last.pth"), "--output", str(tmp_path / "ev")])  # fmt: skip
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert result["mIoU"] == pytest.approx(summary["last"]["mIoU"], abs=1e-6)
+    assert len(result["per_class_IoU"]) == 150
+
+    img = next((ade_folder / "images" / "validation").iterdir())
+    pr = _run([sys.executable, "-m", "inceptionnext", "segment", "predict", str(img), "--checkpoint",
+               str(tmp_path / "full" / "last.pth"), "--output", str(tmp_path / "pred")])  # fmt: skip
+    assert pr.returncode == 0, pr.stderr[-2000:]
+    mask = np.asarray(Image.open(tmp_path / "pred" / f"{img.stem}_mask.png"))
+    assert mask.shape == (64, 64) and mask.max() < 150
+    assert Image.open(tmp_path / "pred" / f"{img.stem}_overlay.png").size[0] == 64
+
+
+def test_slide_and_multiscale_inference_shapes():
+    from inceptionnext.segmentation.engine import infer_logits
+    from inceptionnext.segmentation.segmentor import create_segmentor
+
+    model = create_segmentor("fpn", "inceptionnext_atto", 4, head_channels=16).eval()
+    x = torch.randn(1, 3, 96, 160)
+    whole = infer_logits(model, x, (50, 80))
+    slide = infer_logits(model, x, (50, 80), mode="slide", crop=(64, 64), stride=(48, 48))
+    assert whole.shape == slide.shape == (1, 4, 50, 80)
+    torch.testing.assert_close(slide.sum(1), torch.ones(1, 50, 80))

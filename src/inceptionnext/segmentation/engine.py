@@ -29,7 +29,7 @@ from ..engine.checkpointing import atomic_save, capture_rng, restore_rng
 from ..engine.config import git_revision
 from ..engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
 from ..engine.report import MetricsLog
-from ..engine.trainer import NonFiniteLossError, ShardSampler, _autocast, autocast_settings, build_optimizer
+from ..engine.trainer import FAULT_ENV, NonFiniteLossError, ShardSampler, _autocast, autocast_settings, build_optimizer
 from .config import SegConfig
 from .data import IGNORE_INDEX, EvalPipeline, TrainPipeline, build_seg_dataset
 from .metrics import ConfusionMatrix
@@ -272,6 +272,7 @@ class _SegRun:
         loss_sum = torch.zeros((), device=self.dist.device)
         n_loss, t0, seen = 0, time.perf_counter(), 0
         last_eval: dict[str, Any] = {}
+        fault_step = int(os.environ.get(FAULT_ENV, "0"))
         while self.step < cfg.iterations:
             pass_index, offset = divmod(self.step, self.steps_per_pass)
             for img, mask in self._loader(pass_index, offset):
@@ -289,6 +290,8 @@ class _SegRun:
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
+                if fault_step and self.step == fault_step:
+                    os._exit(137)  # test hook: a hard kill mid-run, no clean-up
                 loss_sum += loss.detach().float()
                 n_loss += 1
                 seen += len(img) * self.dist.world_size

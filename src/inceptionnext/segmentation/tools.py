@@ -66,7 +66,7 @@ def predict_masks(
     written: list[Path] = []
     for f in files:
         try:
-            rgb = np.asarray(read_image(f))
+            rgb = np.array(read_image(f))  # writable copy for the resize
         except ValueError as e:
             problems.append(str(e))
             continue
