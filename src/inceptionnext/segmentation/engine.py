@@ -124,7 +124,13 @@ def evaluate_segmentation(
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     cm = ConfusionMatrix(model.num_classes, IGNORE_INDEX, device)
-    loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), rank, world), num_workers=0)
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        sampler=ShardSampler(len(dataset), rank, world),
+        num_workers=0,
+        generator=torch.Generator(),
+    )  # leaves the global RNG alone
     for img, mask in tqdm(loader, desc="eval", leave=False, disable=not progress, unit="img"):
         img, mask = img.to(device), mask.to(device)
         size = tuple(mask.shape[-2:])
@@ -195,6 +201,9 @@ class _SegRun:
         self.sampler.set_epoch(pass_index)
         self.train_set.set_epoch(pass_index)
         indices = list(self.sampler)[skip_batches * self.cfg.batch_size :]
+        # its own generator: creating the loader must not draw from the global RNG, or a run resumed mid-pass
+        # would see different drop-path masks than the uninterrupted one
+        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + pass_index)
         return DataLoader(
             self.train_set,
             self.cfg.batch_size,
@@ -202,6 +211,7 @@ class _SegRun:
             drop_last=True,
             num_workers=self.cfg.workers,
             pin_memory=self.dist.device.type == "cuda",
+            generator=generator,
         )
 
     def state(self) -> dict[str, Any]:
