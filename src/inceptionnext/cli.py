@@ -174,10 +174,8 @@ def _cmd_complexity(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import shutil
 
-    import yaml
-
     from .engine import NonFiniteLossError, resolve_config, train
-    from .engine.config import overrides_from_args
+    from .engine.config import dry_run_text, overrides_from_args
 
     if args.recipe and args.config:
         print("error: give --recipe or --config, not both", file=sys.stderr)
@@ -196,9 +194,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             last.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(args.resume, last)
     if args.dry_run:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        resolved = cfg.to_dict() | {"effective_batch": cfg.effective_batch(world), "scaled_lr": cfg.scaled_lr(world)}
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        print(dry_run_text(cfg), end="")
         return 0
     try:
         summary = train(cfg)

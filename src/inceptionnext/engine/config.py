@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import subprocess
 import types
 import typing
@@ -203,3 +204,10 @@ def git_revision() -> str:
         return rev.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def dry_run_text(cfg: Any) -> str:
+    """The resolved config as YAML, with the effective batch and scaled lr of this launch (``--dry-run``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    resolved = cfg.to_dict() | {"effective_batch": cfg.effective_batch(world), "scaled_lr": cfg.scaled_lr(world)}
+    return yaml.safe_dump(resolved, sort_keys=False)

@@ -143,10 +143,10 @@ def build_optimizer(
     return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=weight_decay, eps=eps, betas=tuple(betas))
 
 
-class _Run:
-    """State of one process of a training run."""
+class RunBase:
+    """What every training run shares: its config, process info, output directory and rank-0 logging."""
 
-    def __init__(self, cfg: TrainConfig, dist: DistInfo) -> None:
+    def __init__(self, cfg: Any, dist: DistInfo) -> None:
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
         self.main = dist.is_main
@@ -157,6 +157,10 @@ class _Run:
             tqdm.write(msg)
             with open(self.out / "log.txt", "a") as f:
                 f.write(msg + "\n")
+
+
+class _Run(RunBase):
+    """State of one process of a classification training run."""
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:

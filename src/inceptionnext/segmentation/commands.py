@@ -8,11 +8,9 @@ import os
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def _train(args: argparse.Namespace) -> int:
-    from ..engine.config import overrides_from_args
+    from ..engine.config import dry_run_text, overrides_from_args
     from ..engine.trainer import NonFiniteLossError
     from .config import SegConfig, resolve_seg_config
     from .engine import train_segmentation
@@ -24,9 +22,7 @@ def _train(args: argparse.Namespace) -> int:
         print("no --data and no --recipe: the 'textures' recipe on the embedded texture mosaics", file=sys.stderr)
     cfg = resolve_seg_config(recipe, overrides)
     if args.dry_run:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        resolved = cfg.to_dict() | {"effective_batch": cfg.effective_batch(world), "scaled_lr": cfg.scaled_lr(world)}
-        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+        print(dry_run_text(cfg), end="")
         return 0
     try:
         summary = train_segmentation(cfg)

@@ -27,9 +27,17 @@ from tqdm import tqdm
 from ..checkpoint import load_state_dict_checked, read_checkpoint
 from ..engine.checkpointing import atomic_save, capture_rng, restore_rng
 from ..engine.config import git_revision
-from ..engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, init_distributed
+from ..engine.distributed import all_reduce_mean, cleanup_distributed, init_distributed
 from ..engine.report import MetricsLog
-from ..engine.trainer import FAULT_ENV, NonFiniteLossError, ShardSampler, _autocast, autocast_settings, build_optimizer
+from ..engine.trainer import (
+    FAULT_ENV,
+    NonFiniteLossError,
+    RunBase,
+    ShardSampler,
+    _autocast,
+    autocast_settings,
+    build_optimizer,
+)
 from .config import SegConfig
 from .data import IGNORE_INDEX, EvalPipeline, TrainPipeline, build_seg_dataset
 from .metrics import ConfusionMatrix
@@ -148,18 +156,8 @@ def evaluate_segmentation(
     return cm.compute()
 
 
-class _SegRun:
-    def __init__(self, cfg: SegConfig, dist: DistInfo) -> None:
-        self.cfg, self.dist = cfg, dist
-        self.out = Path(cfg.output)
-        self.main = dist.is_main
-        self.progress = self.main and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
-
-    def log(self, msg: str) -> None:
-        if self.main:
-            tqdm.write(msg)
-            with open(self.out / "log.txt", "a") as f:
-                f.write(msg + "\n")
+class _SegRun(RunBase):
+    """State of one process of a segmentation training run."""
 
     def setup(self) -> None:
         cfg, dist = self.cfg, self.dist
