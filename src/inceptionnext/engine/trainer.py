@@ -158,6 +158,17 @@ class RunBase:
             with open(self.out / "log.txt", "a") as f:
                 f.write(msg + "\n")
 
+    def write_resolved_config(self) -> None:
+        """``config.yaml`` beside the outputs: the resolved config, the code's git revision and this launch."""
+        resolved = self.cfg.to_dict() | {
+            "git": git_revision(),
+            "world_size": self.dist.world_size,
+            "effective_batch": self.cfg.effective_batch(self.dist.world_size),
+            "scaled_lr": self.lr,
+            "num_classes": len(self.class_names),
+        }
+        (self.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+
 
 class _Run(RunBase):
     """State of one process of a classification training run."""
@@ -392,14 +403,7 @@ class _Run(RunBase):
             self.resume(last)
         self.start_epoch_done = self.start_epoch - 1
         if self.main:
-            resolved = cfg.to_dict() | {
-                "git": git_revision(),
-                "world_size": self.dist.world_size,
-                "effective_batch": cfg.effective_batch(self.dist.world_size),
-                "scaled_lr": self.lr,
-                "num_classes": len(self.class_names),
-            }
-            (self.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            self.write_resolved_config()
             self.log(
                 f"{cfg.model}: {len(self.train_set)} train / {len(self.val_set)} val images, "
                 f"{len(self.class_names)} classes; effective batch {cfg.effective_batch(self.dist.world_size)} "

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -261,14 +260,7 @@ class _SegRun(RunBase):
         if (self.out / "last.pth").exists():
             self.resume(self.out / "last.pth")
         if self.main:
-            resolved = cfg.to_dict() | {
-                "git": git_revision(),
-                "world_size": self.dist.world_size,
-                "effective_batch": cfg.effective_batch(self.dist.world_size),
-                "scaled_lr": self.lr,
-                "num_classes": len(self.class_names),
-            }
-            (self.out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            self.write_resolved_config()
             self.log(
                 f"{cfg.head} + {cfg.backbone}: {len(self.train_set)} train / {len(self.val_set)} val images, "
                 f"{len(self.class_names)} classes; batch {cfg.effective_batch(self.dist.world_size)}, "
