@@ -596,7 +596,9 @@ class TextureMosaicDataset(Dataset):
         try:
             import skimage.data
         except ImportError as e:  # pragma: no cover - scikit-image is a dependency of the default data
-            raise SegDataError("the embedded texture mosaics need scikit-image: pip install scikit-image") from e
+            raise SegDataError(
+                "the embedded texture mosaics need scikit-image: pip install 'inceptionnext[segmentation]'"
+            ) from e
         tex = np.asarray(getattr(skimage.data, name)())
         if tex.ndim == 3:  # pragma: no cover - the bundled textures are grey
             tex = tex[..., :3].mean(axis=-1).round().astype(np.uint8)
