@@ -42,6 +42,8 @@ def _eval(args: argparse.Namespace) -> int:
     from .tools import load_segmentor
 
     model, cfg, classes = load_segmentor(args.checkpoint)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     data = args.data if args.data is not None else cfg.data
     dataset = build_seg_dataset(data, "val", EvalPipeline(scale=tuple(cfg.scale)), seed=cfg.seed)
     if list(dataset.classes) != classes:
@@ -49,7 +51,7 @@ def _eval(args: argparse.Namespace) -> int:
     res = evaluate_segmentation(
         model,
         dataset,
-        torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda"),
+        device,
         mode=args.mode or cfg.eval_mode,
         crop=tuple(cfg.slide_crop),
         stride=tuple(cfg.slide_stride),
@@ -92,11 +94,7 @@ def _benchmark(args: argparse.Namespace) -> int:
     )
     for head in heads:
         for backbone in backbones:
-            r = (
-                benchmark_segmentor(head, backbone, runs=args.runs, warmup=0 if args.no_fps else 1)
-                if not args.no_fps
-                else _static(head, backbone)
-            )
+            r = benchmark_segmentor(head, backbone, runs=args.runs, warmup=1, fps=not args.no_fps)
             p = r["paper"]
             fps = f"{r['fps']:.2f}" if r.get("fps") else "-"
             print(
@@ -107,25 +105,6 @@ def _benchmark(args: argparse.Namespace) -> int:
     if not args.no_fps:
         print("FPS: batch 1, 512x2048, whole image, median of timed runs on this machine's device")
     return 0
-
-
-def _static(head: str, backbone: str) -> dict:
-    import torch
-
-    from ..complexity import count_macs, count_params
-    from .segmentor import PAPER_SEG, create_segmentor
-    from .tools import _PredictView
-
-    paper = PAPER_SEG.get((head, backbone), {})
-    size = tuple(paper.get("input", (512, 2048) if head == "upernet" else (512, 512)))
-    with torch.device("meta"):
-        model = create_segmentor(head, backbone, 150).eval()
-    return {
-        "params_m": count_params(model) / 1e6,
-        "macs_g": count_macs(_PredictView(model), (3, *size)) / 1e9,
-        "mac_input": f"{size[0]}x{size[1]}",
-        "paper": paper,
-    }
 
 
 def run(args: argparse.Namespace) -> int:
