@@ -99,7 +99,16 @@ class InceptionDWConv2d(nn.Module):
             return self.dwconv_h(x)
         return self.dwconv_h(self.dwconv_w(x))  # "band": sequential 1 x k then k x 1
 
+    #: Run the fused Triton kernel (:mod:`inceptionnext.kernels`) on CUDA tensors when it supports this
+    #: configuration; set to False on an instance or the class to force the split / convolve / concatenate path.
+    use_triton: bool = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_triton and x.is_cuda and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            from ..kernels import inception_dwconv, supports
+
+            if supports(self, x):
+                return inception_dwconv(x, self)
         x_id, *groups = torch.split(x, self.split_sizes, dim=1)
         return torch.cat([x_id, *(self._branch(n, g) for n, g in zip(self.branches, groups))], dim=1)
 

@@ -1,0 +1,286 @@
+"""Inference re-parameterisation: fold every affine map that sits next to a linear one into it.
+
+A MetaNeXt block in eval mode is ``x + gamma * fc2(GELU(fc1(BN(mixer(x)))))``. BatchNorm with frozen statistics is a
+per-channel affine map ``s * y + t``, the mixer's convolution biases add a per-channel constant, and LayerScale is a
+per-channel scale, so all of them fold into the 1x1 convolutions around them:
+
+* the post-mixer BatchNorm (and the mixer biases it sees) into ``fc1``:
+  ``W1 (s * (y + b) + t) = (W1 s) y + W1 (s b + t)``;
+* LayerScale into ``fc2``: ``gamma * (W2 h + b2) = (gamma W2) h + gamma b2``;
+* the stem BatchNorm into the stem convolution (conv then norm) and each downsampling BatchNorm into the 2x2 strided
+  convolution after it (norm then conv; exact because that convolution has no padding);
+* for LayerNorm models (ConvNeXt) the norms stay, but their affine part folds into the layer after them;
+* in the head, the LayerNorm affine folds into the classifier.
+
+What is left per block is ``mixer -> fc1 -> GELU -> fc2 -> + x``. :class:`FusedMlp` runs it as GEMMs over the
+channels-last view of the map; on CPU it uses oneDNN's linear with the GELU and the residual add fused into the GEMM
+epilogue (``mkldnn::_linear_pointwise``), so neither the 4x wide activation nor the sum makes an extra pass over
+memory. Elsewhere (CUDA, half precision, ``torch.compile``) it uses plain ``F.linear`` / 1x1 convolutions and leaves
+fusion to the backend.
+
+The fused model computes the same function as the original in eval mode (max abs difference ~1e-5 in fp32, tested)
+and keeps the module tree (``stem``, ``stages.N.downsample``, ``stages.N.blocks.M``, ``head``), so
+``forward_features``, ``forward_intermediates`` and backbone use work unchanged. It has no BatchNorm left, so it is
+meant for inference, export and benchmarking, not for training.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+from torch import nn
+
+from .layers.mixers import InceptionDWConv2d, PartialDWConv2d
+from .models.metanext import ConvMlp, MetaNeXt, MetaNeXtBlock, MlpHead, NormLinearHead
+
+__all__ = ["fuse", "FusedMlp", "FusedMetaNeXtBlock", "is_fused"]
+
+
+def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel affine map ``s * x + t`` of an eval-mode BatchNorm, in float64."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("cannot fold a BatchNorm without running statistics (track_running_stats=False)")
+    var, mean = bn.running_var.double(), bn.running_mean.double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+def _ln_affine(norm: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if not norm.elementwise_affine:
+        return None
+    c = norm.normalized_shape[0]
+    weight = norm.weight.double() if norm.weight is not None else torch.ones(c, dtype=torch.float64)
+    bias = norm.bias.double() if norm.bias is not None else torch.zeros(c, dtype=torch.float64)
+    return weight, bias
+
+
+def _fold_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale, shift) -> tuple[torch.Tensor, ...]:
+    """``W (s * x + t) + b`` -> ``W' x + b'`` for a linear map or an unpadded convolution (weight (out, in, ...))."""
+    w = weight.double()
+    view = (1, -1) + (1,) * (w.ndim - 2)
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    new_b = b + (w * shift.reshape(view)).flatten(1).sum(1)
+    return w * scale.reshape(view), new_b
+
+
+def _fold_output_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale, shift) -> tuple[torch.Tensor, ...]:
+    """``s * (W x + b) + t`` -> ``W' x + b'`` (weight (out, ...))."""
+    w = weight.double()
+    b = bias.double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return w * scale.reshape((-1,) + (1,) * (w.ndim - 1)), b * scale + shift
+
+
+def _assign(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    dtype = layer.weight.dtype
+    layer.weight = nn.Parameter(weight.to(dtype), requires_grad=layer.weight.requires_grad)
+    layer.bias = nn.Parameter(bias.to(dtype), requires_grad=layer.weight.requires_grad)
+
+
+def _affine_free(norm: nn.LayerNorm) -> nn.LayerNorm:
+    if isinstance(norm, LayerNorm2d):
+        return LayerNorm2d(norm.normalized_shape[0], eps=norm.eps, affine=False)
+    return nn.LayerNorm(norm.normalized_shape[0], eps=norm.eps, elementwise_affine=False)
+
+
+def _take_mixer_bias(mixer: nn.Module, channels: int) -> torch.Tensor | None:
+    """Zero the mixer's biases and return them as a per-channel constant, for mixers whose bias is one.
+
+    The Inception and partial depthwise mixers add their convolution bias uniformly over space on their own
+    channels, so it is a per-channel constant of the mixer's output. A sequential band branch is not (the first
+    band's bias goes through the zero-padded second band), so that configuration keeps its biases.
+    """
+    if isinstance(mixer, InceptionDWConv2d) and not mixer.band_sequential:
+        names = {"hw": "dwconv_hw", "w": "dwconv_w", "h": "dwconv_h"}
+        convs = [getattr(mixer, names[b]) for b in mixer.branches]
+        offset = mixer.split_sizes[0]
+    elif isinstance(mixer, PartialDWConv2d):
+        convs, offset = [mixer.conv], mixer.split_sizes[0]
+    else:
+        return None
+    const = torch.zeros(channels, dtype=torch.float64)
+    for conv in convs:
+        n = conv.out_channels
+        if conv.bias is not None:
+            const[offset : offset + n] = conv.bias.detach().double()
+            with torch.no_grad():
+                conv.bias.zero_()
+        offset += n
+    return const
+
+
+def _mkldnn_linear_ok(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and not x.requires_grad
+        and torch.backends.mkldnn.is_available()
+        and not torch.compiler.is_compiling()
+        and not torch.jit.is_scripting()
+        and not torch.jit.is_tracing()
+    )
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class FusedMlp(nn.Module):
+    """``fc2(GELU(fc1(x))) + shortcut`` with 2-D weights, run as GEMMs over channels-last maps.
+
+    ``primitive`` picks how the GEMMs run on a channels-last input: ``"auto"`` (oneDNN fused epilogues on CPU fp32
+    inference, ``F.linear`` otherwise), ``"linear"`` or ``"conv"`` (1x1 convolutions). NCHW-contiguous inputs always
+    use 1x1 convolutions, which read NCHW directly.
+    """
+
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, primitive: str = "auto") -> None:
+        super().__init__()
+        if primitive not in ("auto", "linear", "conv"):
+            raise ValueError(f"primitive must be 'auto', 'linear' or 'conv', got {primitive!r}")
+        self.fc1, self.fc2 = fc1, fc2
+        self.primitive = primitive
+
+    def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
+        grad = torch.is_grad_enabled() and (x.requires_grad or w1.requires_grad)
+        if self.primitive == "conv" or not _is_channels_last(x):
+            h = F.conv2d(x, w1[:, :, None, None], b1)
+            h = F.gelu(h) if grad else torch.ops.aten.gelu_(h)
+            out = F.conv2d(h, w2[:, :, None, None], b2)
+            return out + shortcut if grad else out.add_(shortcut)
+        b, c, hh, ww = x.shape
+        rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: the map is NHWC in memory
+        res = shortcut.permute(0, 2, 3, 1).reshape(-1, c)  # a view too when the shortcut is channels-last
+        if self.primitive == "auto" and not grad and _mkldnn_linear_ok(rows) and res.is_contiguous():
+            h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
+            out = torch.ops.mkldnn._linear_pointwise.binary(h, res, w2, b2, "add")
+        else:
+            h = F.linear(rows, w1, b1)
+            h = F.gelu(h) if grad else torch.ops.aten.gelu_(h)
+            out = F.linear(h, w2, b2)
+            out = out + res if grad else out.add_(res)
+        return out.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+
+
+class FusedMetaNeXtBlock(nn.Module):
+    """``x + fc2(GELU(fc1(norm(mixer(x)))))`` with BatchNorm and LayerScale folded away (``norm`` is an Identity
+    for BatchNorm models, an affine-free LayerNorm for LayerNorm models)."""
+
+    def __init__(self, token_mixer: nn.Module, norm: nn.Module, mlp: FusedMlp) -> None:
+        super().__init__()
+        self.token_mixer = token_mixer
+        self.norm = norm
+        self.mlp = mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(self.token_mixer(x)), x)
+
+
+def _fuse_block(block: MetaNeXtBlock, primitive: str) -> FusedMetaNeXtBlock:
+    if not isinstance(block.mlp, ConvMlp) or not isinstance(block.mlp.act, nn.GELU):
+        raise TypeError(f"cannot fuse a block with MLP {type(block.mlp).__name__}")
+    dim = block.mlp.fc1.in_channels
+    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+    w1, b1 = fc1.weight.detach().double().flatten(1), fc1.bias.detach().double()
+    w2, b2 = fc2.weight.detach().double().flatten(1), fc2.bias.detach().double()
+    norm: nn.Module = nn.Identity()
+    if isinstance(block.norm, nn.BatchNorm2d):
+        scale, shift = _bn_scale_shift(block.norm)
+        const = _take_mixer_bias(block.token_mixer, dim)
+        if const is not None:
+            shift = shift + scale * const
+        w1, b1 = _fold_input_affine(w1, b1, scale, shift)
+    elif isinstance(block.norm, nn.LayerNorm):
+        affine = _ln_affine(block.norm)
+        if affine is not None:
+            w1, b1 = _fold_input_affine(w1, b1, *affine)
+        norm = _affine_free(block.norm)
+    elif not isinstance(block.norm, nn.Identity):
+        raise TypeError(f"cannot fuse a block with norm {type(block.norm).__name__}")
+    if block.gamma is not None:
+        gamma = block.gamma.detach().double()
+        w2, b2 = _fold_output_affine(w2, b2, gamma, torch.zeros_like(gamma))
+    lin1, lin2 = nn.Linear(w1.shape[1], w1.shape[0]), nn.Linear(w2.shape[1], w2.shape[0])
+    dtype = fc1.weight.dtype
+    for lin, w, b in ((lin1, w1, b1), (lin2, w2, b2)):
+        lin.to(device=fc1.weight.device)
+        lin.weight = nn.Parameter(w.to(dtype))
+        lin.bias = nn.Parameter(b.to(dtype))
+    return FusedMetaNeXtBlock(block.token_mixer, norm, FusedMlp(lin1, lin2, primitive))
+
+
+def _fuse_head(head: nn.Module) -> None:
+    if isinstance(head, MlpHead) and isinstance(head.fc2, nn.Linear):
+        affine, classifier = _ln_affine(head.norm), head.fc2
+        if affine is not None:
+            _assign(classifier, *_fold_input_affine(classifier.weight.detach(), classifier.bias, *affine))
+            head.norm = _affine_free(head.norm)
+    elif isinstance(head, NormLinearHead) and isinstance(head.fc, nn.Linear):
+        affine = _ln_affine(head.norm)
+        if affine is not None:
+            _assign(head.fc, *_fold_input_affine(head.fc.weight.detach(), head.fc.bias, *affine))
+            head.norm = _affine_free(head.norm)
+
+
+def is_fused(model: nn.Module) -> bool:
+    return bool(getattr(model, "fused", False))
+
+
+@torch.no_grad()
+def fuse(model: MetaNeXt, *, inplace: bool = False, primitive: str = "auto") -> MetaNeXt:
+    """Return an inference copy of ``model`` with BatchNorm, mixer biases and LayerScale folded (module docstring).
+
+    Args:
+        model: a :class:`~inceptionnext.models.metanext.MetaNeXt` (any variant of this package, classifier or
+            backbone; trained or freshly built).
+        inplace: modify ``model`` itself instead of a deep copy.
+        primitive: how the block MLPs run on channels-last maps, see :class:`FusedMlp`.
+
+    The result is in eval mode. For the fastest CPU inference also convert model and input to channels-last
+    (``model.to(memory_format=torch.channels_last)``), which is what ``inceptionnext benchmark`` does.
+    """
+    if not isinstance(model, MetaNeXt):
+        raise TypeError(
+            f"fuse() takes a MetaNeXt model of this package, got {type(model).__name__}; "
+            "build it with inceptionnext.create_model(...)"
+        )
+    if is_fused(model):
+        return model
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+
+    stem = list(model.stem)
+    if len(stem) == 2 and isinstance(stem[1], nn.BatchNorm2d):
+        conv = stem[0]
+        _assign(conv, *_fold_output_affine(conv.weight.detach(), conv.bias, *_bn_scale_shift(stem[1])))
+        model.stem = nn.Sequential(conv)
+
+    for stage in model.stages:
+        if isinstance(stage.downsample, nn.Sequential):
+            norm, conv = stage.downsample
+            if isinstance(norm, nn.BatchNorm2d):
+                scale, shift = _bn_scale_shift(norm)
+            else:
+                affine = _ln_affine(norm)
+                scale, shift = affine if affine is not None else (None, None)
+            if scale is not None:
+                if conv.padding != (0, 0) and conv.padding != 0:
+                    raise ValueError("cannot fold a norm into a padded downsampling convolution")
+                _assign(conv, *_fold_input_affine(conv.weight.detach(), conv.bias, scale, shift))
+            first = nn.Identity() if isinstance(norm, nn.BatchNorm2d) else _affine_free(norm)
+            stage.downsample = nn.Sequential(first, conv)
+        stage.blocks = nn.Sequential(*(_fuse_block(b, primitive) for b in stage.blocks))
+        stage.grad_checkpointing = False
+
+    if not model.features_only and not isinstance(model.head, nn.Identity):
+        _fuse_head(model.head)
+    model.fused = True
+    return model.eval()

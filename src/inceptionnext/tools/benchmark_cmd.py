@@ -1,0 +1,104 @@
+"""``inceptionnext benchmark``: throughput table, CSV/JSON and a Figure-1 style plot."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .. import benchmark as bm
+
+DEFAULT_MODELS = ("inceptionnext_tiny", "convnext_tiny", "resnet50")
+
+
+def _csv_list(choices: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
+        return items
+
+    return parse
+
+
+def add_benchmark_parser(sub) -> None:
+    p = sub.add_parser(
+        "benchmark",
+        help="training / inference throughput as the paper measures it (Tables 1, 4, 5, 8; Figure 1)",
+        description=(
+            "Synthetic 224px batches (128, halved on out-of-memory), warm-up then timed steps, channels-first and "
+            "channels-last with the better one reported. Models: this package's and timm's (the peers of Table 4: "
+            + ", ".join(list(bm.PEERS)[:9])
+            + ", ...)."
+        ),
+    )
+    p.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help=f"default: {' '.join(DEFAULT_MODELS)}")
+    p.add_argument("--impl", type=_csv_list(bm.IMPLS), default=["eager"], help="comma list of " + "|".join(bm.IMPLS))
+    p.add_argument("--mode", type=_csv_list(bm.MODES), default=list(bm.MODES), help="infer,train (default both)")
+    p.add_argument(
+        "--layout",
+        type=_csv_list(bm.LAYOUTS),
+        default=list(bm.LAYOUTS),
+        help="channels_first,channels_last (default both; the better is reported)",
+    )
+    p.add_argument("--precision", choices=bm.PRECISIONS, default="fp32")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=128, help="start value; halved until it fits")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20, help="timed steps; the median step time is used")
+    p.add_argument("--baseline", default=None, help="MODEL or MODEL:IMPL for the ratio columns (default: first)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--csv", default=None, help="write every raw measurement (both layouts) here")
+    p.add_argument("--json", default=None, help="write environment, summary and raw measurements here")
+    p.add_argument("--plot", default=None, help="write a Figure-1 style plot (paper top-1 vs throughput) here")
+    p.add_argument("--plot-mode", choices=bm.MODES, default="train", help="throughput axis of the plot")
+
+
+def run_benchmark_cmd(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise ValueError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import timm
+
+    from ..models import is_model
+    from ..models.factory import create_any_model
+
+    for name in args.models:  # fail fast on a typo (with suggestions), before minutes of measuring
+        if not (is_model(name) or timm.is_model(name.split(".")[0])):
+            create_any_model(name)
+    measurements = bm.run_benchmark(
+        args.models,
+        impls=args.impl,
+        modes=args.mode,
+        layouts=args.layout,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        warmup=args.warmup,
+        steps=args.steps,
+        progress=sys.stderr.isatty(),
+    )
+    for m in measurements:
+        if m.error:
+            print(f"failed: {m.model} {m.impl} {m.mode} {m.layout}: {m.error}", file=sys.stderr)
+    baseline = args.baseline or f"{args.models[0]}:{args.impl[0]}"
+    rows = bm.summarize(measurements, baseline, img_size=args.img_size)
+    env = bm.environment()
+    device = env.get("gpu") if bm.resolve_device(args.device).type == "cuda" else env["cpu"]
+    print(f"{device}; torch {env['torch']}; {args.precision}; batch {args.batch_size} (halved on OOM); "
+          f"{args.img_size}px; median of {args.steps} steps after {args.warmup} warm-up\n")  # fmt: skip
+    print(bm.format_table(rows, baseline))
+    print(f"ratios relative to {baseline}")
+    if args.csv:
+        print(f"raw measurements: {bm.write_csv(measurements, args.csv)}")
+    if args.json:
+        print(f"JSON: {bm.write_json(measurements, rows, args.json, baseline=baseline, precision=args.precision)}")
+    if args.plot:
+        title = f"{device}, {args.precision}"
+        print(f"plot: {bm.plot_figure1(rows, args.plot, mode=args.plot_mode, title=title)}")
+    return 0 if all(m.img_per_s is not None for m in measurements) else 1

@@ -1,0 +1,244 @@
+"""Fused Triton InceptionDWConv2d (inceptionnext.kernels) against the PyTorch module, forward and every gradient.
+
+The Triton interpreter must be switched on (TRITON_INTERPRET=1) before the kernels are decorated, i.e. before
+``inceptionnext.kernels`` is imported, and the rest of the suite may already have imported triton/torch, so the
+checks run in a child process: this file doubles as the worker (``python tests/test_triton_mixer.py interp``),
+which runs every case on CPU tensors through the interpreter and prints one JSON line of results. The tests
+assert on those results, including the worker's kernel launch counters, which prove the Triton kernels (forward,
+backward, weight-grad reduction) actually ran for each case. A second worker (``aot``) compiles the kernels for
+an sm_90 GPU ahead of time (no GPU needed), which the interpreter does not: it catches code that only fails in
+Triton's compiler (types, control flow, layouts).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from inceptionnext import InceptionDWConv2d
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no fused kernels to test")
+
+# name: (channels, band kernel, branch ratio, dilation, (B, H, W), channels_last, dtype, autocast)
+CASES: dict[str, tuple] = {
+    "default_nchw_b2_13x9": (32, 11, 1 / 8, 1, (2, 13, 9), False, "float32", False),
+    "default_cl_b1_7x7": (32, 11, 1 / 8, 1, (1, 7, 7), True, "float32", False),
+    "k7_c36_nchw_b1_13x9": (36, 7, 1 / 4, 1, (1, 13, 9), False, "float32", False),
+    "k7_c36_cl_b3_9x13": (36, 7, 1 / 4, 1, (3, 9, 13), True, "float32", False),
+    "dil2_c20_nchw_b2_11x8": (20, 5, 1 / 4, 2, (2, 11, 8), False, "float32", False),
+    "small_tiles_c40_cl_b2_13x9": (40, 11, 1 / 8, 1, (2, 13, 9), True, "float32", False),
+    "small_tiles_c40_nchw_b2_9x13": (40, 11, 1 / 8, 1, (2, 9, 13), False, "float32", False),
+    "default_bf16_cl": (32, 11, 1 / 8, 1, (2, 9, 7), True, "bfloat16", False),
+    "default_fp16_nchw": (32, 11, 1 / 8, 1, (2, 7, 9), False, "float16", False),
+    "default_autocast_bf16_nchw": (32, 11, 1 / 8, 1, (1, 9, 9), False, "float32", True),
+}
+# (BLOCK_P, BLOCK_C) forced for some cases: the interpreter's default tiles cover a whole test image and group, these
+# split it into several pixel tiles and channel blocks per group, with ragged last tiles/blocks (the GPU situation)
+FORCED_TILES = {"small_tiles_c40_cl_b2_13x9": (16, 4), "small_tiles_c40_nchw_b2_9x13": (32, 2)}
+# (rtol, atol) against an fp32 reference computed from the same (low precision) values: one rounding of the output
+TOLERANCES = {"float32": (0.0, 1e-4), "bfloat16": (1e-2, 1e-2), "float16": (1e-3, 1e-3)}
+
+
+# ------------------------------------------------------------------------------------------------------- worker side
+def _run_case(name: str, cfg: tuple) -> dict:
+    from inceptionnext.kernels import inception_dw, inception_dwconv, launch_counts, supports
+
+    channels, band, ratio, dil, (b, h, w), channels_last, dtype_name, autocast = cfg
+    dtype = getattr(torch, dtype_name)
+    torch.manual_seed(0)
+    ref = InceptionDWConv2d(channels, band_kernel_size=band, branch_ratio=ratio, dilation=dil)
+    for p in ref.parameters():  # non-trivial biases
+        torch.nn.init.normal_(p, std=0.5)
+    fused = InceptionDWConv2d(channels, band_kernel_size=band, branch_ratio=ratio, dilation=dil).to(dtype)
+    fused.load_state_dict(ref.state_dict())  # low precision weights; the reference keeps their exact fp32 values
+    ref.load_state_dict({k: v.float() for k, v in fused.state_dict().items()})
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(b, channels, h, w).to(dtype).to(memory_format=fmt)
+    dy = torch.randn(b, channels, h, w).to(dtype if not autocast else torch.bfloat16).to(memory_format=fmt)
+
+    inception_dw._FORCE_TILES = FORCED_TILES.get(name)
+    before = launch_counts()
+    xf = x.detach().clone().requires_grad_()
+    assert supports(fused, xf), "supports() rejected a supported configuration"
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = inception_dwconv(xf, fused)
+    y.backward(dy)
+    after = launch_counts()
+
+    xr = x.detach().float().requires_grad_()
+    yr = ref(xr.to(torch.bfloat16).float() if autocast else xr)  # autocast: the kernel sees bf16 x, fp32 weights
+    yr.backward(dy.float())
+    out_dtype = torch.bfloat16 if autocast else dtype
+    res = {
+        "launches": {k: after.get(k, 0) - before.get(k, 0) for k in after},
+        "y_dtype_ok": y.dtype == out_dtype,
+        "layout_ok": y.is_contiguous(memory_format=fmt) and xf.grad.is_contiguous(memory_format=fmt),
+        "grad_dtype_ok": xf.grad.dtype == dtype and all(p.grad.dtype == p.dtype for p in fused.parameters()),
+        "max_abs": {},
+        "mismatch": [],
+    }
+    rtol, atol = TOLERANCES["bfloat16" if autocast else dtype_name]
+    pairs = {"y": (y, yr), "x.grad": (xf.grad, xr.grad)}
+    for (n, p), pr in zip(fused.named_parameters(), ref.parameters()):
+        pairs[f"{n}.grad"] = (p.grad, pr.grad)
+    for key, (got, want) in pairs.items():
+        if got is None:
+            res["mismatch"].append(f"{key}: no gradient")
+            continue
+        got, want = got.float(), want.float()
+        res["max_abs"][key] = (got - want).abs().max().item()
+        if not torch.allclose(got, want, rtol=rtol, atol=atol):
+            res["mismatch"].append(f"{key}: max abs diff {res['max_abs'][key]:.3g} (rtol={rtol}, atol={atol})")
+    return res
+
+
+def _supports_cases() -> dict[str, bool]:
+    from inceptionnext.kernels import supports
+
+    x = torch.randn(1, 64, 8, 8)
+    out = {
+        name: supports(InceptionDWConv2d(64, **kw), x)
+        for name, kw in {
+            "default": {},
+            "band_sequential": dict(band_sequential=True),
+            "no_square": dict(use_square=False),
+            "no_band_w": dict(use_band_w=False),
+            "no_band_h": dict(use_band_h=False),
+        }.items()
+    }
+    out["int_input"] = supports(InceptionDWConv2d(64), x.long())
+    out["wrong_channels"] = supports(InceptionDWConv2d(32), x)
+    return out
+
+
+def _worker_interp() -> dict:
+    from inceptionnext.kernels import inception_dw
+
+    return {
+        "interpreted": inception_dw._interpret() and type(inception_dw._fwd_kernel).__name__ == "InterpretedFunction",
+        "cases": {name: _run_case(name, cfg) for name, cfg in CASES.items()},
+        "supports": _supports_cases(),
+    }
+
+
+def _worker_aot() -> dict:
+    """Compile forward/backward/reduction kernels for sm_90 (default kernel sizes, fp32 and bf16)."""
+    import triton
+
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError as err:
+        return {"skip": f"this triton has no ahead-of-time compile API: {err}"}
+
+    from inceptionnext.kernels import inception_dw as k
+
+    const = dict(KS_H=3, KS_W=3, DS_H=1, DS_W=1, KB_W=11, DB_W=1, KB_H=11, DB_H=1, BLOCK_P=64, BLOCK_C=16)
+    jobs = [
+        (k._fwd_kernel, "bf16", {"x_ptr", "y_ptr", "w_hw", "b_hw", "w_w", "b_w", "w_h", "b_h"}, const),
+        (k._bwd_kernel, "bf16", {"dy_ptr", "x_ptr", "dx_ptr", "w_hw", "w_w", "w_h"}, const),
+        (k._colsum_kernel, "fp32", set(), dict(BLOCK_R=64, BLOCK_N=64)),
+    ]
+    out = {}
+    for fn, dt, ptrs, consts in jobs:
+        names = fn.arg_names
+        sig = {
+            n: "constexpr" if n in consts else f"*{dt}" if n in ptrs else "*fp32" if "ptr" in n else "i32"
+            for n in names
+        }
+        src = ASTSource(fn, signature=sig, constexprs={(names.index(c),): v for c, v in consts.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        out[fn.__name__] = sorted(compiled.asm)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------- pytest side
+def _spawn(mode: str, interpret: bool) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return subprocess.Popen(
+        [sys.executable, __file__, mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _result(proc: subprocess.Popen, mode: str) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, f"{mode} worker failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def workers() -> dict:
+    """Both workers run concurrently (each is mostly single-threaded); results by mode."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed: no fused kernels to test")
+    procs = {"interp": _spawn("interp", interpret=True), "aot": _spawn("aot", interpret=False)}
+    return {mode: _result(proc, mode) for mode, proc in procs.items()}
+
+
+@pytest.fixture(scope="module")
+def interp_results(workers) -> dict:
+    return workers["interp"]
+
+
+@needs_triton
+def test_worker_ran_the_interpreter(interp_results):
+    assert interp_results["interpreted"], "the kernels were not InterpretedFunction: TRITON_INTERPRET did not apply"
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(CASES))
+def test_fused_matches_module(interp_results, case):
+    res = interp_results["cases"][case]
+    # each fused forward+backward is exactly three Triton launches, so the results below come from the kernels
+    assert res["launches"] == {"fwd": 1, "bwd": 1, "colsum": 1}
+    assert res["y_dtype_ok"] and res["grad_dtype_ok"], "output in the input dtype, weight grads in the weights' dtype"
+    assert res["layout_ok"], "output and grad_input keep the input's memory format"
+    assert not res["mismatch"], res["mismatch"]
+    assert len(res["max_abs"]) == 8  # y, x.grad, three weights, three biases
+    if CASES[case][6] == "float32" and not CASES[case][7]:
+        assert max(res["max_abs"].values()) <= 1e-4
+
+
+@needs_triton
+def test_supports(interp_results):
+    assert interp_results["supports"] == {
+        "default": True,
+        "band_sequential": False,
+        "no_square": False,
+        "no_band_w": False,
+        "no_band_h": False,
+        "int_input": False,
+        "wrong_channels": False,
+    }
+
+
+def test_import_without_device_is_safe():
+    """Importable anywhere; with no CUDA device and no interpreter, supports() sends callers to the PyTorch path."""
+    from inceptionnext.kernels import supports, triton_available
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        assert not triton_available()
+        assert not supports(InceptionDWConv2d(64), torch.randn(1, 64, 8, 8))
+
+
+@needs_triton
+def test_kernels_compile_for_sm90(workers):
+    out = workers["aot"]
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    assert set(out) == {"_fwd_kernel", "_bwd_kernel", "_colsum_kernel"}
+    assert all("cubin" in stages for stages in out.values()), out
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1]
+    print(json.dumps(_worker_interp() if mode == "interp" else _worker_aot()))
