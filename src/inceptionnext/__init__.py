@@ -18,6 +18,7 @@ from .models import (
     list_models,
     register_in_timm,
 )
+from .reparam import fuse
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "SelfAttention2d",
     "UnknownModelError",
     "create_model",
+    "fuse",
     "get_entry",
     "list_models",
     "load_checkpoint",

@@ -196,7 +196,7 @@ def _memory_format(layout: str) -> torch.memory_format:
 def _inference_step(model: nn.Module, name: str, impl: str, device: torch.device, layout: str, x: torch.Tensor):
     model.eval()
     if impl in ("fused", "compile", "onnxruntime") and _is_ours(model):
-        from .fuse import fuse
+        from .reparam import fuse
 
         model = fuse(model)
     elif impl == "fused":

@@ -62,6 +62,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--output", default=None, help="also write the JSON report to this file")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="run an exported .onnx file with onnxruntime instead")
 
     p = sub.add_parser("cam", help="class activation maps (Grad-CAM & co.) of one or more models, Figure-4 grid")
     p.add_argument("images", nargs="+", help="image files and/or folders")
@@ -115,6 +116,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     q.add_argument("--backbone", action="append", help="default: inceptionnext_tiny, _small, _base")
     q.add_argument("--runs", type=int, default=3)
     q.add_argument("--no-fps", action="store_true", help="only params and MACs (meta device, instant)")
+
+    from .tools.export import add_export_parser
+
+    add_export_parser(sub)
+
+    from .tools.benchmark_cmd import add_benchmark_parser
+
+    add_benchmark_parser(sub)
     return parser
 
 
@@ -241,9 +250,11 @@ def _load(args: argparse.Namespace):
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from .tools.export import load_onnx_for_predict
     from .tools.predict import format_predictions, predict
 
-    report = predict(_load(args), args.inputs, topk=args.topk, batch_size=args.batch_size, progress=sys.stderr.isatty())
+    loaded = load_onnx_for_predict(args) if args.onnx else _load(args)
+    report = predict(loaded, args.inputs, topk=args.topk, batch_size=args.batch_size, progress=sys.stderr.isatty())
     text = json.dumps(report.to_dict(), indent=1)
     if args.output:
         Path(args.output).write_text(text)
@@ -289,11 +300,24 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return commands.run(args)
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .tools.export import run_export
+
+    return run_export(args)
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    from .tools.benchmark_cmd import run_benchmark_cmd
+
+    return run_benchmark_cmd(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     handlers = {
         "list": _cmd_list, "complexity": _cmd_complexity, "train": _cmd_train, "validate": _cmd_validate,
         "predict": _cmd_predict, "cam": _cmd_cam, "hub": _cmd_hub, "segment": _cmd_segment,
+        "export": _cmd_export, "benchmark": _cmd_benchmark,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

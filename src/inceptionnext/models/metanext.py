@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models._features import FeatureInfo, feature_take_indices
 from torch import nn
@@ -36,7 +37,15 @@ def make_norm(kind: str, channels: int) -> nn.Module:
 
 
 class ConvMlp(nn.Module):
-    """Channel MLP of Eq. 3 with 1x1 convolutions, so it runs on NCHW maps without permutes."""
+    """Channel MLP of Eq. 3 with 1x1 convolutions (``fc1``/``fc2`` keys and 4-D weights of the checkpoints).
+
+    ``primitive`` chooses how the two 1x1 convolutions run on a channels-last map: ``"conv"`` (oneDNN/cuDNN 1x1
+    convolution) or ``"linear"`` (``F.linear`` over the NHWC view, the same weights viewed as 2-D). Maps in the default
+    NCHW layout always use the convolution, which reads them without permutes. The parameters and checkpoint keys
+    are the same either way; ``docs/speed.md`` has the measurements behind the default.
+    """
+
+    primitive: str = "conv"
 
     def __init__(self, dim: int, hidden: int, act_layer: type[nn.Module] = nn.GELU) -> None:
         super().__init__()
@@ -45,6 +54,10 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Conv2d(hidden, dim, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.primitive == "linear" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            rows = x.permute(0, 2, 3, 1)  # NHWC view, no copy
+            h = self.act(F.linear(rows, self.fc1.weight.flatten(1), self.fc1.bias))
+            return F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias).permute(0, 3, 1, 2)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -272,6 +285,15 @@ class MetaNeXt(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for stage in self.stages:
             stage.grad_checkpointing = enable
+
+    def set_mlp_primitive(self, primitive: str) -> MetaNeXt:
+        """How the block MLPs run on channels-last maps: ``"conv"`` or ``"linear"`` (see :class:`ConvMlp`)."""
+        if primitive not in ("conv", "linear"):
+            raise ValueError(f"primitive must be 'conv' or 'linear', got {primitive!r}")
+        for m in self.modules():
+            if isinstance(m, ConvMlp):
+                m.primitive = primitive
+        return self
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:

@@ -43,7 +43,7 @@ def predict(
     files, errors = find_images(list(paths))
     report = PredictReport(loaded.name, loaded.weights, errors=list(errors))
     transform = eval_transform(loaded.preprocessing)
-    device = next(loaded.model.parameters()).device
+    device = next(loaded.model.parameters(), torch.empty(0)).device  # parameter-free wrappers (onnxruntime): CPU
     names = loaded.class_names
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=not progress or len(files) < 2 * batch_size)
     for start in range(0, len(files), batch_size):

@@ -116,16 +116,14 @@ def _take_mixer_bias(mixer: nn.Module, channels: int) -> torch.Tensor | None:
     return const
 
 
+_MKLDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _mkldnn_linear_ok(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and not x.requires_grad
-        and torch.backends.mkldnn.is_available()
-        and not torch.compiler.is_compiling()
-        and not torch.jit.is_scripting()
-        and not torch.jit.is_tracing()
-    )
+    """oneDNN's fused linear epilogues: eager CPU fp32 inference only (compilers and exporters get plain ops)."""
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    return _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
