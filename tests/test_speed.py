@@ -16,8 +16,8 @@ from torch import nn
 import inceptionnext
 from inceptionnext import benchmark as bm
 from inceptionnext.cli import main
-from inceptionnext.reparam import FusedMetaNeXtBlock, fuse
 from inceptionnext.models.metanext import ConvMlp
+from inceptionnext.reparam import FusedMetaNeXtBlock, fuse
 
 ATOL = 1e-4
 
@@ -215,7 +215,7 @@ def test_benchmark_cli_writes_table_csv_json_plot(tmp_path, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "inceptionnext_atto" in out and "fused" in out and "ratios relative to resnet18" in out
-    rows = list(csv.DictReader(open(tmp_path / "raw.csv")))
+    rows = list(csv.DictReader((tmp_path / "raw.csv").read_text().splitlines()))
     # atto: eager x {infer, train} x 2 layouts + fused x infer x 2 layouts; resnet18: eager x 2 x 2
     assert len(rows) == 10 and {r["layout"] for r in rows} == {"channels_first", "channels_last"}
     data = json.loads((tmp_path / "b.json").read_text())
