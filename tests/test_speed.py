@@ -81,6 +81,26 @@ def test_fuse_is_exact(name):
     assert any(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
 
 
+def test_fuse_workspace_path_is_exact(monkeypatch):
+    """Large maps reuse per-thread buffers for the mixer output and the MLP hidden map: same numbers."""
+    import inceptionnext.reparam as rp
+
+    model = _perturb(inceptionnext.create_model("inceptionnext_atto", num_classes=10), seed=5)
+    fused = fuse(model).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    monkeypatch.setattr(rp, "_WORKSPACE_MIN_BYTES", 0)
+    rp.release_workspace()
+    with torch.inference_mode():
+        ref = model(x)
+        first = fused(x)
+        assert getattr(rp._workspace, "hidden", None) is not None and getattr(rp._workspace, "mixed", None) is not None
+        second = fused(x[:2])  # a smaller batch reuses the same (larger) buffers
+    assert (first - ref).abs().max().item() <= ATOL
+    assert (second - ref[:2]).abs().max().item() <= ATOL
+    rp.release_workspace()
+    assert getattr(rp._workspace, "hidden", None) is None
+
+
 def test_fused_matches_timm_reference():
     """Independent reference: timm's own InceptionNeXt-A with the same weights, against the fused model."""
     ours = _perturb(inceptionnext.create_model("inceptionnext_atto"), seed=3)

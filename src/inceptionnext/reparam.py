@@ -27,6 +27,7 @@ meant for inference, export and benchmarking, not for training.
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,7 @@ from torch import nn
 from .layers.mixers import InceptionDWConv2d, PartialDWConv2d
 from .models.metanext import ConvMlp, MetaNeXt, MetaNeXtBlock, MlpHead, NormLinearHead
 
-__all__ = ["fuse", "FusedMlp", "FusedMetaNeXtBlock", "is_fused"]
+__all__ = ["fuse", "FusedMlp", "FusedMetaNeXtBlock", "is_fused", "release_workspace"]
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,6 +127,30 @@ def _mkldnn_linear_ok(x: torch.Tensor) -> bool:
     return _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
 
 
+# glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh mmaps: every such tensor costs page
+# faults and kernel zeroing. The MLP's 4x wide hidden map crosses that at 224px from batch ~8 (stage 1), so in
+# eager CPU inference it is computed into a per-thread buffer that is reused from call to call.
+_WORKSPACE_MIN_BYTES = 32 << 20
+_workspace = threading.local()
+
+
+def _buffer(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+    buf = getattr(_workspace, slot, None)
+    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+        setattr(_workspace, slot, buf)
+    return buf[:numel]
+
+
+def _use_workspace(x: torch.Tensor, numel: int) -> bool:
+    return numel * x.element_size() >= _WORKSPACE_MIN_BYTES and _mkldnn_linear_ok(x)
+
+
+def release_workspace() -> None:
+    """Free this thread's reusable buffers (kept between calls to avoid re-faulting fresh memory)."""
+    _workspace.__dict__.clear()
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -157,7 +182,13 @@ class FusedMlp(nn.Module):
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: the map is NHWC in memory
         res = shortcut.permute(0, 2, 3, 1).reshape(-1, c)  # a view too when the shortcut is channels-last
         if self.primitive == "auto" and not grad and _mkldnn_linear_ok(rows) and res.is_contiguous():
-            h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
+            if _use_workspace(rows, rows.shape[0] * w1.shape[0]):
+                h = torch.addmm(
+                    b1, rows, w1.t(), out=_buffer("hidden", rows.shape[0] * w1.shape[0], rows).view(-1, w1.shape[0])
+                )
+                torch.ops.aten.gelu_(h)
+            else:
+                h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
             out = torch.ops.mkldnn._linear_pointwise.binary(h, res, w2, b2, "add")
         else:
             h = F.linear(rows, w1, b1)
@@ -178,7 +209,20 @@ class FusedMetaNeXtBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.norm(self.token_mixer(x)), x)
+        mixer = self.token_mixer
+        if (
+            type(mixer) is InceptionDWConv2d
+            and not torch.is_grad_enabled()
+            and _is_channels_last(x)
+            and _use_workspace(x, x.numel())
+        ):
+            # the mixer's output only feeds fc1: concatenate into a reused buffer instead of a fresh map
+            x_id, *groups = torch.split(x, mixer.split_sizes, dim=1)
+            parts = [x_id, *(mixer._branch(n, g) for n, g in zip(mixer.branches, groups))]
+            b, c, h, w = x.shape
+            out = _buffer("mixed", x.numel(), x).view(b, h, w, c).permute(0, 3, 1, 2)
+            return self.mlp(self.norm(torch.cat(parts, dim=1, out=out)), x)
+        return self.mlp(self.norm(mixer(x)), x)
 
 
 def _fuse_block(block: MetaNeXtBlock, primitive: str) -> FusedMetaNeXtBlock:
