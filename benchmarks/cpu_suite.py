@@ -11,7 +11,6 @@ noisy, so read medians and ratios, and rerun before believing a difference of a 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import sys
 from pathlib import Path
@@ -23,15 +22,6 @@ from inceptionnext import benchmark as bm
 OURS, TIMM, CONVNEXT = "inceptionnext_tiny", "inception_next_tiny", "convnext_tiny"
 
 
-def tune_glibc_malloc() -> None:
-    """Serve every allocation from the heap and never give freed memory back (mallopt M_MMAP_MAX=0,
-    M_TRIM_THRESHOLD=max): large tensors then stop costing page faults and kernel zeroing on each allocation."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise RuntimeError("mallopt failed (not glibc?)")
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=32)
@@ -39,11 +29,11 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=7)
     p.add_argument("--train-steps", type=int, default=4)
     p.add_argument("--no-train", action="store_true")
-    p.add_argument("--malloc-tuned", action="store_true", help="see tune_glibc_malloc()")
+    p.add_argument("--malloc-tuned", action="store_true", help="see inceptionnext.benchmark.tune_glibc_malloc()")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.malloc_tuned:
-        tune_glibc_malloc()
+        bm.tune_glibc_malloc()
     common = dict(device="cpu", batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
     rate = max(bm.matmul_rate("cpu", n) for n in (1024, 2048, 3072))
     env = bm.environment()

@@ -245,6 +245,19 @@ def test_benchmark_cli_writes_table_csv_json_plot(tmp_path, capsys):
     assert (tmp_path / "f1.png").stat().st_size > 1000
 
 
+def test_tune_glibc_malloc_in_a_fresh_process():
+    import subprocess
+    import sys
+
+    code = (
+        "from inceptionnext.benchmark import tune_glibc_malloc as t; t(); "
+        "import torch; print(torch.ones(9 << 20).sum())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "tensor(9437184.)"
+
+
 def test_benchmark_cli_rejects_unknown_model(capsys):
     assert main(["benchmark", "inceptionnext_tinyy", "--device", "cpu"]) == 2
     assert "inceptionnext_tiny" in capsys.readouterr().err

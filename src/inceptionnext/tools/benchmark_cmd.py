@@ -49,6 +49,11 @@ def add_benchmark_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=20, help="timed steps; the median step time is used")
     p.add_argument("--baseline", default=None, help="MODEL or MODEL:IMPL for the ratio columns (default: first)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--malloc-tuned",
+        action="store_true",
+        help="glibc keeps freed memory for every model measured (see docs/speed.md); default: the process default",
+    )
     p.add_argument("--csv", default=None, help="write every raw measurement (both layouts) here")
     p.add_argument("--json", default=None, help="write environment, summary and raw measurements here")
     p.add_argument("--plot", default=None, help="write a Figure-1 style plot (paper top-1 vs throughput) here")
@@ -62,6 +67,8 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
         raise ValueError("--batch-size and --steps must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.malloc_tuned:
+        bm.tune_glibc_malloc()
     import timm
 
     from ..models import is_model
@@ -90,7 +97,8 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
     rows = bm.summarize(measurements, baseline, img_size=args.img_size)
     env = bm.environment()
     device = env.get("gpu") if bm.resolve_device(args.device).type == "cuda" else env["cpu"]
-    print(f"{device}; torch {env['torch']}; {args.precision}; batch {args.batch_size} (halved on OOM); "
+    malloc = "; malloc tuned" if args.malloc_tuned else ""
+    print(f"{device}; torch {env['torch']}{malloc}; {args.precision}; batch {args.batch_size} (halved on OOM); "
           f"{args.img_size}px; median of {args.steps} steps after {args.warmup} warm-up\n")  # fmt: skip
     print(bm.format_table(rows, baseline))
     print(f"ratios relative to {baseline}")
