@@ -107,6 +107,6 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
     if args.json:
         print(f"JSON: {bm.write_json(measurements, rows, args.json, baseline=baseline, precision=args.precision)}")
     if args.plot:
-        title = f"{device}, {args.precision}"
+        title = f"{device}, {args.precision}, batch {args.batch_size}, {'/'.join(args.impl)}, best layout"
         print(f"plot: {bm.plot_figure1(rows, args.plot, mode=args.plot_mode, title=title)}")
     return 0 if all(m.img_per_s is not None for m in measurements) else 1
