@@ -188,6 +188,21 @@ def test_measure_infer_and_train_smoke():
     assert bad.img_per_s is None and "this package" in bad.error
 
 
+def test_measure_precisions_and_onnxruntime():
+    common = dict(batch_size=2, img_size=64, warmup=0, steps=1, device="cpu")
+    for precision in ("bf16", "tf32"):
+        m = bm.measure("inceptionnext_atto", impl="eager", mode="train", precision=precision, **common)
+        assert m.error is None and m.img_per_s > 0, m.error
+    ort = bm.measure("inceptionnext_atto", impl="onnxruntime", **common)
+    assert ort.error is None and ort.img_per_s > 0, ort.error
+    with pytest.raises(ValueError, match="CPU fp32"):
+        bm.measure("inceptionnext_atto", impl="onnxruntime", precision="bf16", **common)
+    with pytest.raises(ValueError, match="impl"):
+        bm.measure("inceptionnext_atto", impl="tensorrt", **common)
+    with pytest.raises(ValueError, match="precision"):
+        bm.measure("inceptionnext_atto", precision="fp8", **common)
+
+
 def test_measure_halves_batch_on_out_of_memory(monkeypatch):
     real = bm._inference_step
 

@@ -296,6 +296,8 @@ def measure(
         raise ValueError(f"unknown impl {impl!r}: use one of {', '.join(IMPLS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}: use 'infer' or 'train'")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     dev = resolve_device(device)
     if impl == "onnxruntime" and (dev.type != "cpu" or precision not in ("fp32", "tf32")):
         raise ValueError("impl 'onnxruntime' is the CPU fp32 serving path: use --device cpu --precision fp32")
