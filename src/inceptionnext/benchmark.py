@@ -87,12 +87,10 @@ PEERS: dict[str, PeerFigures] = {
     "resnet152": PeerFigures("RSB-ResNet-152", 81.8, 437, 1457),
     "regnety_160": PeerFigures("RegNetY-16G", 82.2, 322, 1100),
     "convnext_base": PeerFigures("ConvNeXt-B", 83.8, 267, 1122),
-    # timm's own implementation of the paper's models: same figures as this package's variants
-    "inception_next_atto": PeerFigures("InceptionNeXt-A (timm)", 75.3, 2661, 9876),
-    "inception_next_tiny": PeerFigures("InceptionNeXt-T (timm)", 82.3, 901, 2900),
-    "inception_next_small": PeerFigures("InceptionNeXt-S (timm)", 83.5, 521, 1750),
-    "inception_next_base": PeerFigures("InceptionNeXt-B (timm)", 84.0, 375, 1244),
 }
+
+# timm's own implementation of the paper's models: the figures are those of this package's variant of that name
+_TIMM_TWINS = {f"inception_next_{s}": f"inceptionnext_{s}" for s in ("atto", "tiny", "small", "base")}
 
 
 def paper_figures(name: str) -> tuple[float | None, int | None, int | None]:
@@ -100,6 +98,7 @@ def paper_figures(name: str) -> tuple[float | None, int | None, int | None]:
     from .models import is_model
     from .models.registry import get_entry
 
+    name = _TIMM_TWINS.get(name.split(".")[0], name)
     if is_model(name):
         p = get_entry(name).paper
         return (p.top1, p.train_throughput, p.infer_throughput) if p else (None, None, None)

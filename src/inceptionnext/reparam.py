@@ -182,11 +182,10 @@ class FusedMlp(nn.Module):
         rows = x.permute(0, 2, 3, 1).reshape(-1, c)  # a view: the map is NHWC in memory
         res = shortcut.permute(0, 2, 3, 1).reshape(-1, c)  # a view too when the shortcut is channels-last
         if self.primitive == "auto" and not grad and _mkldnn_linear_ok(rows) and res.is_contiguous():
-            if _use_workspace(rows, rows.shape[0] * w1.shape[0]):
-                h = torch.addmm(
-                    b1, rows, w1.t(), out=_buffer("hidden", rows.shape[0] * w1.shape[0], rows).view(-1, w1.shape[0])
-                )
-                torch.ops.aten.gelu_(h)
+            hidden = (rows.shape[0], w1.shape[0])
+            if _use_workspace(rows, hidden[0] * hidden[1]):
+                h = _buffer("hidden", hidden[0] * hidden[1], rows).view(hidden)
+                torch.ops.aten.gelu_(torch.addmm(b1, rows, w1.t(), out=h))
             else:
                 h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
             out = torch.ops.mkldnn._linear_pointwise.binary(h, res, w2, b2, "add")
@@ -217,11 +216,9 @@ class FusedMetaNeXtBlock(nn.Module):
             and _use_workspace(x, x.numel())
         ):
             # the mixer's output only feeds fc1: concatenate into a reused buffer instead of a fresh map
-            x_id, *groups = torch.split(x, mixer.split_sizes, dim=1)
-            parts = [x_id, *(mixer._branch(n, g) for n, g in zip(mixer.branches, groups))]
             b, c, h, w = x.shape
             out = _buffer("mixed", x.numel(), x).view(b, h, w, c).permute(0, 3, 1, 2)
-            return self.mlp(self.norm(torch.cat(parts, dim=1, out=out)), x)
+            return self.mlp(self.norm(mixer(x, out=out)), x)
         return self.mlp(self.norm(mixer(x)), x)
 
 
@@ -249,26 +246,21 @@ def _fuse_block(block: MetaNeXtBlock, primitive: str) -> FusedMetaNeXtBlock:
     if block.gamma is not None:
         gamma = block.gamma.detach().double()
         w2, b2 = _fold_output_affine(w2, b2, gamma, torch.zeros_like(gamma))
-    lin1, lin2 = nn.Linear(w1.shape[1], w1.shape[0]), nn.Linear(w2.shape[1], w2.shape[0])
-    dtype = fc1.weight.dtype
-    for lin, w, b in ((lin1, w1, b1), (lin2, w2, b2)):
-        lin.to(device=fc1.weight.device)
-        lin.weight = nn.Parameter(w.to(dtype))
-        lin.bias = nn.Parameter(b.to(dtype))
+    like = dict(device=fc1.weight.device, dtype=fc1.weight.dtype)
+    lin1, lin2 = nn.Linear(w1.shape[1], w1.shape[0], **like), nn.Linear(w2.shape[1], w2.shape[0], **like)
+    _assign(lin1, w1, b1)
+    _assign(lin2, w2, b2)
     return FusedMetaNeXtBlock(block.token_mixer, norm, FusedMlp(lin1, lin2, primitive))
 
 
 def _fuse_head(head: nn.Module) -> None:
-    if isinstance(head, MlpHead) and isinstance(head.fc2, nn.Linear):
-        affine, classifier = _ln_affine(head.norm), head.fc2
-        if affine is not None:
-            _assign(classifier, *_fold_input_affine(classifier.weight.detach(), classifier.bias, *affine))
-            head.norm = _affine_free(head.norm)
-    elif isinstance(head, NormLinearHead) and isinstance(head.fc, nn.Linear):
-        affine = _ln_affine(head.norm)
-        if affine is not None:
-            _assign(head.fc, *_fold_input_affine(head.fc.weight.detach(), head.fc.bias, *affine))
-            head.norm = _affine_free(head.norm)
+    """Fold the head's LayerNorm affine into its classifier (both heads end ``norm -> dropout -> classifier``)."""
+    if not isinstance(head, (MlpHead, NormLinearHead)):
+        return
+    classifier, affine = getattr(head, head.classifier_name), _ln_affine(head.norm)
+    if isinstance(classifier, nn.Linear) and affine is not None:
+        _assign(classifier, *_fold_input_affine(classifier.weight.detach(), classifier.bias, *affine))
+        head.norm = _affine_free(head.norm)
 
 
 def is_fused(model: nn.Module) -> bool:

@@ -103,14 +103,21 @@ class InceptionDWConv2d(nn.Module):
     #: configuration; set to False on an instance or the class to force the split / convolve / concatenate path.
     use_triton: bool = True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_triton and x.is_cuda and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: optional preallocated (B, C, H, W) tensor for the concatenated result (PyTorch path only)."""
+        if (
+            out is None
+            and self.use_triton
+            and x.is_cuda
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
+        ):
             from ..kernels import inception_dwconv, supports
 
             if supports(self, x):
                 return inception_dwconv(x, self)
         x_id, *groups = torch.split(x, self.split_sizes, dim=1)
-        return torch.cat([x_id, *(self._branch(n, g) for n, g in zip(self.branches, groups))], dim=1)
+        return torch.cat([x_id, *(self._branch(n, g) for n, g in zip(self.branches, groups))], dim=1, out=out)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, split={self.split_sizes}, branches={self.branches}"
