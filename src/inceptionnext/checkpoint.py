@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
     "CheckpointError",
     "read_checkpoint",
@@ -41,7 +43,7 @@ _EMA_KEYS = ("ema", "model_ema", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message says which keys and why."""
 
 

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import UserError
+
 __all__ = [
     "ExportError",
     "ExportReport",
@@ -64,11 +66,11 @@ _LARGE = 2**31 - 2**27  # weights above this go to an external-data sidecar (pro
 _PRE_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model cannot be exported, or the exported file disagrees with the eager model."""
 
 
-class MissingDependencyError(ImportError):
+class MissingDependencyError(UserError, ImportError):
     """onnx / onnxruntime / onnxscript are not installed."""
 
 

@@ -18,12 +18,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = ["DataError", "DigitsDataset", "ImageFolderDataset", "SeededTransform", "build_dataset"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data directory that cannot be used as it is; the message says what to fix."""
 
 

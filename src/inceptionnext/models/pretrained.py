@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..errors import UserError
+
 __all__ = ["PretrainedCfg", "PaperFigures", "PretrainedWeightsUnavailable", "fetch_pretrained", "sha256_file"]
 
 
@@ -60,7 +62,7 @@ class PaperFigures:
         return len(printed.split(".")[1]) if "." in printed else 0
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
+class PretrainedWeightsUnavailable(UserError, RuntimeError):
     """The weights could not be found locally nor downloaded; the message says what to fetch and how to pass it."""
 
 

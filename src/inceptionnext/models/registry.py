@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UserError
 from .pretrained import PaperFigures, PretrainedCfg
 
 __all__ = ["ModelEntry", "UnknownModelError", "register_model", "get_entry", "list_models", "is_model"]
@@ -28,7 +29,7 @@ class ModelEntry:
         return self.arch_fn()
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(UserError, ValueError):
     """Raised for a model name that is not registered; the message lists the closest names."""
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..errors import UserError
+
 __all__ = [
     "ADE20KDataset",
     "ADE20K_CLASSES",
@@ -79,7 +81,7 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ANN_EXTENSIONS = (".png",)
 
 
-class SegDataError(ValueError):
+class SegDataError(UserError, ValueError):
     """Segmentation data that cannot be used as it is; the message names the files and says what to fix."""
 
 
