@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from inceptionnext.layers.mixers import InceptionDWConv2d
+from inceptionnext.layers import InceptionDWConv2d, TritonInceptionDWConv2d
 
 STAGES = ((96, 56), (192, 28), (384, 14), (768, 7))  # InceptionNeXt-T at 224px
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -53,16 +53,15 @@ def _median_ms(fn: Callable[[], None], warmup: int, repeats: int, device: torch.
 def _bench_one(
     channels: int, size: int, batch: int, dtype: str, fmt: str, args: argparse.Namespace, device: torch.device
 ) -> dict:
-    from inceptionnext.kernels import inception_dwconv, supports
-
     module = InceptionDWConv2d(channels).to(device)
     if not args.autocast:
         module = module.to(DTYPES[dtype])
+    triton_module = TritonInceptionDWConv2d.from_module(module)  # the same parameters
     in_dtype = torch.float32 if args.autocast else DTYPES[dtype]
     x = torch.randn(batch, channels, size, size, device=device, dtype=in_dtype).to(memory_format=FORMATS[fmt])
     x.requires_grad_()
     dy = torch.randn(batch, channels, size, size, device=device, dtype=DTYPES[dtype]).to(memory_format=FORMATS[fmt])
-    assert supports(module, x), "fused path not supported for this configuration"
+    assert triton_module.uses_kernel(x), "fused path not supported for this configuration"
     use_autocast = args.autocast and dtype != "fp32"
 
     def run(fused: bool, backward: bool) -> Callable[[], None]:
@@ -70,14 +69,14 @@ def _bench_one(
             x.grad = None
             module.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=use_autocast):
-                y = inception_dwconv(x, module) if fused else module(x)
+                y = triton_module(x) if fused else module(x)
             if backward:
                 y.backward(dy)
 
         return step
 
     with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=use_autocast), torch.no_grad():
-        max_diff = (inception_dwconv(x, module).float() - module(x).float()).abs().max().item()
+        max_diff = (triton_module(x).float() - module(x).float()).abs().max().item()
     row = dict(channels=channels, size=size, batch=batch, dtype=dtype, format=fmt, max_abs_diff=max_diff)
     for label, backward in (("fwd", False), ("fwd_bwd", True)):
         ref = _median_ms(run(False, backward), args.warmup, args.repeats, device)

@@ -5,9 +5,9 @@
 1. The fused Triton Inception depthwise convolution against the split / convolve / concatenate module, forward +
    backward, InceptionNeXt-T stage shapes at batch 128 (``benchmarks/bench_mixer_gpu.py``).
 2. Model training and inference throughput at batch 128 in TF32 and bf16 autocast, both layouts, better reported:
-   this package's InceptionNeXt-T (fused mixer) against the same model with the mixer kernel switched off, timm's
-   ``inception_next_tiny`` and ``convnext_tiny`` (the paper's InceptionNeXt-T / ConvNeXt-T ratio: 1.57x training,
-   1.20x inference on an A100, Table 4).
+   this package's InceptionNeXt-T with the fused mixer (``create_model(..., fused_mixer=True)``, opt-in) against the
+   default model (split / convolve / concatenate mixer), timm's ``inception_next_tiny`` and ``convnext_tiny`` (the
+   paper's InceptionNeXt-T / ConvNeXt-T ratio: 1.57x training, 1.20x inference on an A100, Table 4).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from inceptionnext import benchmark as bm
-from inceptionnext.layers.mixers import InceptionDWConv2d
+from inceptionnext.models import create_model
 
 
 def main() -> int:
@@ -52,15 +52,15 @@ def main() -> int:
                 ("timm inception_next_tiny", "inception_next_tiny", None),
                 ("timm convnext_tiny", "convnext_tiny", None),
             ):
-                InceptionDWConv2d.use_triton = bool(triton)
                 for layout in bm.LAYOUTS:
-                    m = bm.measure(name, mode=mode, layout=layout, precision=precision, **common)
+                    # a fresh instance per run (training updates it); None: measure builds timm's model
+                    model = create_model(name, fused_mixer=triton) if triton is not None else None
+                    m = bm.measure(name, mode=mode, layout=layout, precision=precision, model=model, **common)
                     rows.append(dict(vars(m), label=label))
                     if m.img_per_s:
                         best[label] = max(best.get(label, 0.0), m.img_per_s)
                     speed = f"{m.img_per_s or float('nan'):8.1f} img/s (batch {m.batch_size}) {m.error or ''}"
                     print(f"{precision} {mode} {label:38s} {layout:14s} {speed}", flush=True)
-            InceptionDWConv2d.use_triton = True
             ours = best.get("inceptionnext_tiny (fused mixer)", float("nan"))
             for ref in ("inceptionnext_tiny (split/cat mixer)", "timm inception_next_tiny", "timm convnext_tiny"):
                 print(f"  {precision} {mode}: ours / {ref}: {ours / best.get(ref, float('nan')):.2f}x")

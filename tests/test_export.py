@@ -1,4 +1,4 @@
-"""ONNX / TorchScript export, parity (checked here with onnxruntime directly), metadata and ``predict --onnx``."""
+"""ONNX / TorchScript export, parity (checked with onnxruntime directly), metadata, serving, ``predict --onnx``."""
 
 import json
 import sys
@@ -13,16 +13,9 @@ from torch import nn
 
 from inceptionnext import create_model
 from inceptionnext.cli import main
-from inceptionnext.export import (
-    ExportError,
-    MissingDependencyError,
-    OnnxClassifier,
-    export_onnx,
-    export_torchscript,
-    read_onnx_metadata,
-    read_torchscript_metadata,
-)
+from inceptionnext.export import ExportError, MissingDependencyError, export_onnx, export_torchscript
 from inceptionnext.inference import load_model
+from inceptionnext.serve import OnnxClassifier, read_onnx_metadata, read_torchscript_metadata
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -201,3 +194,20 @@ def test_error_cases(tmp_path, capsys, monkeypatch, digits_folder):
         export_onnx(_Toy(), tmp_path / "t.onnx", image_size=8)
     with pytest.raises(MissingDependencyError, match="onnxruntime"):
         OnnxClassifier(tmp_path / "junk.onnx")
+
+
+def test_serving_names_moved_to_serve_with_a_deprecation_path(exported):
+    import inceptionnext.export as ex
+    from inceptionnext import serve
+
+    for name in ("OnnxClassifier", "OnnxModule", "load_onnx_model", "physical_cores", "read_onnx_metadata",
+                 "read_torchscript_metadata"):  # fmt: skip
+        with pytest.warns(DeprecationWarning, match=f"inceptionnext.serve.{name}"):
+            assert getattr(ex, name) is getattr(serve, name)
+    with pytest.warns(DeprecationWarning):
+        from inceptionnext.export import load_onnx_model
+    loaded = load_onnx_model(exported / "inceptionnext_atto.onnx")
+    assert loaded.class_names == CLASSES and loaded.preprocessing["input_size"] == (3, 64, 64)
+    assert ex.MissingDependencyError is serve.MissingDependencyError  # raised by both: not deprecated
+    with pytest.raises(AttributeError):
+        ex.no_such_name  # noqa: B018

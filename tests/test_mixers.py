@@ -97,3 +97,61 @@ def test_self_attention_equals_multihead_attention():
     tokens = x.flatten(2).transpose(1, 2)
     expected = ref(tokens, tokens, tokens, need_weights=False)[0].transpose(1, 2).reshape(2, c, 5, 7)
     torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_mixer_has_no_fast_path_switches():
+    """The reference is split / convolve / concatenate only: no class switch, no ``out=`` argument."""
+    import inspect
+
+    assert not hasattr(InceptionDWConv2d, "use_triton")
+    assert list(inspect.signature(InceptionDWConv2d.forward).parameters) == ["self", "x"]
+
+
+def test_triton_mixer_has_the_reference_keys_and_numbers_off_gpu():
+    """Same parameters and checkpoint keys as the reference; where the kernel does not apply (this CPU, no
+    interpreter) it is the reference computation."""
+    from inceptionnext.layers import TritonInceptionDWConv2d
+
+    ref = InceptionDWConv2d(64, band_kernel_size=7)
+    fused = TritonInceptionDWConv2d(64, band_kernel_size=7)
+    assert fused.state_dict().keys() == ref.state_dict().keys()
+    fused.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 64, 9, 11)
+    if not fused.uses_kernel(x):
+        torch.testing.assert_close(fused(x), ref(x), rtol=0, atol=0)
+    shared = TritonInceptionDWConv2d.from_module(ref, tiles=(16, 4))
+    assert shared.tiles == (16, 4) and shared.split_sizes == ref.split_sizes
+    assert all(a is b for a, b in zip(shared.parameters(), ref.parameters()))
+
+
+def test_set_triton_mixers_swaps_in_place_and_back():
+    from inceptionnext.layers import TritonInceptionDWConv2d, set_triton_mixers
+
+    model = nn.Sequential(InceptionDWConv2d(32), PartialDWConv2d(32), nn.Sequential(InceptionDWConv2d(32)))
+    keys, params = model.state_dict().keys(), list(model.parameters())
+    assert set_triton_mixers(model) is model
+    assert [type(m) for m in model.modules() if isinstance(m, InceptionDWConv2d)] == [TritonInceptionDWConv2d] * 2
+    assert isinstance(model[1], PartialDWConv2d)
+    assert model.state_dict().keys() == keys and all(a is b for a, b in zip(model.parameters(), params))
+    set_triton_mixers(model, enable=False)
+    assert [type(m) for m in model.modules() if isinstance(m, InceptionDWConv2d)] == [InceptionDWConv2d] * 2
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_linear_mlp_equals_conv_mlp(channels_last):
+    """Same module, computed as F.linear over the NHWC view: same keys, outputs and gradients."""
+    from inceptionnext.layers import ConvMlp, LinearMlp
+    from inceptionnext.layers.swap import share_as
+
+    conv = ConvMlp(16, 64)
+    linear = share_as(LinearMlp, conv)
+    assert linear.state_dict().keys() == conv.state_dict().keys() and linear.fc1 is conv.fc1
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 16, 5, 7).contiguous(memory_format=fmt)
+    torch.testing.assert_close(linear(x), conv(x), rtol=1e-5, atol=1e-5)
+    linear(x).sum().backward()
+    grads = [p.grad.clone() for p in conv.parameters()]
+    conv.zero_grad()
+    conv(x).sum().backward()
+    for g, p in zip(grads, conv.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)

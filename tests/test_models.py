@@ -165,3 +165,19 @@ def test_timm_create_model_builds_the_same_model():
     assert feats.feature_info.channels() == [40, 160]
     # names timm already owns are not overridden
     assert type(timm.create_model("convnext_atto")).__module__.startswith("timm.")
+
+
+def test_fused_mixer_is_opt_in_with_the_same_keys_and_numbers():
+    """The Triton mixer is used only when asked for; it changes neither checkpoint keys nor (off GPU) outputs."""
+    from inceptionnext.layers import InceptionDWConv2d, TritonInceptionDWConv2d
+
+    default = create_model("inceptionnext_atto").eval()
+    mixers = [m for m in default.modules() if isinstance(m, InceptionDWConv2d)]
+    assert mixers and all(type(m) is InceptionDWConv2d for m in mixers)
+    fused = create_model("inceptionnext_atto", fused_mixer=True).eval()
+    assert all(type(m) is TritonInceptionDWConv2d for m in fused.modules() if isinstance(m, InceptionDWConv2d))
+    assert fused.state_dict().keys() == default.state_dict().keys()
+    fused.load_state_dict(default.state_dict())
+    x = _x(1)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), default(x), rtol=0, atol=0)

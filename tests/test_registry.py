@@ -4,14 +4,30 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import timm
+import torch
+from timm.data import resolve_model_data_config
 
-from inceptionnext import UnknownModelError, create_model, get_entry, list_models
+from inceptionnext import PaperFigures, UnknownModelError, create_model, get_entry, list_models
 from inceptionnext.cli import main
+from inceptionnext.data import eval_preprocessing
+from inceptionnext.inference import eval_transform
+from inceptionnext.models.pretrained import PREPROCESSING_KEYS, resolve_data_config
 from inceptionnext.models.registry import register_model
 
 ROOT = Path(__file__).resolve().parents[1]
+# timm's model of the same architecture and released weights: named by the Hub copy of the weights (timm/ARCH.TAG)
+TIMM_TWINS = {
+    name: get_entry(name).cfg.hf_hub_id.removeprefix("timm/")
+    for name in list_models()
+    if (get_entry(name).cfg.hf_hub_id or "").startswith("timm/")
+}
+# the eval preprocessing of every other variant before it had one definition (timm's defaults)
+DEFAULT_PRE = {"input_size": (3, 224, 224), "crop_pct": 0.875, "interpolation": "bicubic",
+               "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}  # fmt: skip
 
 
 def test_unknown_name_suggests_the_closest():
@@ -60,6 +76,64 @@ def test_model_carries_its_pretrained_cfg():
     model = create_model("inceptionnext_base")
     assert model.pretrained_cfg["crop_pct"] == 0.95
     assert model.pretrained_cfg["architecture"] == "inceptionnext_base"
+
+
+def test_paper_figures_are_keyword_only():
+    with pytest.raises(TypeError):
+        PaperFigures("Table 3", "28.1", "4.2")  # which number is the parameter count?
+    figures = get_entry("inceptionnext_tiny").paper
+    assert (figures.table, figures.params_m, figures.macs_g) == ("Table 3", "28.1", "4.2")
+    assert (figures.train_throughput, figures.infer_throughput) == (901, 2900)
+
+
+def test_timm_twins_cover_the_released_inceptionnext_and_convnext_weights():
+    assert TIMM_TWINS == {
+        "inceptionnext_atto": "inception_next_atto.sail_in1k",
+        "inceptionnext_tiny": "inception_next_tiny.sail_in1k",
+        "inceptionnext_small": "inception_next_small.sail_in1k",
+        "inceptionnext_base": "inception_next_base.sail_in1k",
+        "inceptionnext_base_384": "inception_next_base.sail_in1k_384",
+        "convnext_tiny_k7": "convnext_tiny.fb_in1k",
+    }
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_preprocessing_resolves_from_one_source(name):
+    """Model, registry entry and eval transform agree, and equal timm's own model of the same weights (else the
+    values every variant had before)."""
+    with torch.device("meta"):
+        model = create_model(name)
+    pre = resolve_data_config(model)
+    assert set(pre) == set(PREPROCESSING_KEYS)
+    assert pre == resolve_data_config(get_entry(name).cfg) == resolve_data_config(model.pretrained_cfg)
+    if name in TIMM_TWINS:
+        with torch.device("meta"):
+            twin = timm.create_model(TIMM_TWINS[name])
+        expected = {k: v for k, v in resolve_model_data_config(twin).items() if k != "crop_mode"}
+    else:
+        expected = DEFAULT_PRE
+    assert pre == expected
+    size = pre["input_size"][-1]
+    assert eval_transform(pre)(_gray(size + 40)).shape == (3, size, size)
+
+
+def _gray(side: int):
+    from PIL import Image
+
+    return Image.new("RGB", (side, side), (128, 128, 128))
+
+
+def test_preprocessing_overrides_and_defaults():
+    assert resolve_data_config(None) == resolve_data_config({}) == DEFAULT_PRE
+    assert resolve_data_config({"input_size": [3, 64, 64], "mean": [0.5] * 3}) == {
+        **DEFAULT_PRE, "input_size": (3, 64, 64), "mean": (0.5, 0.5, 0.5),
+    }  # fmt: skip
+    base = create_model("inceptionnext_atto").pretrained_cfg
+    run = SimpleNamespace(img_size=32, crop_pct=None, mean=None, std=[0.2, 0.2, 0.2])  # a training config's fields
+    assert eval_preprocessing(run, base) == {**DEFAULT_PRE, "input_size": (3, 32, 32), "std": (0.2, 0.2, 0.2)}
+    run.crop_pct, run.mean = 1.0, []  # an empty list leaves the model's value, as None does
+    pre = eval_preprocessing(run, base)
+    assert pre["crop_pct"] == 1.0 and pre["mean"] == DEFAULT_PRE["mean"]
 
 
 def test_readme_lists_every_model():

@@ -113,21 +113,33 @@ def _run(args, **env):
 
 
 def test_segment_train_resume_eval_and_predict(ade_folder, tmp_path):
-    from inceptionnext.engine.trainer import FAULT_ENV
+    import csv
+
+    from inceptionnext.engine.run import FAULT_ENV
 
     full = _run(_args(ade_folder, tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
     killed = _run(_args(ade_folder, tmp_path / "cut"), **{FAULT_ENV: "5"})  # checkpoint at step 3, killed at 5
     assert killed.returncode == 137
+    # --resume PATH from another folder continues exactly, and the file it names is only read
+    source = (tmp_path / "cut" / "last.pth").read_bytes()
+    elsewhere = _run(_args(ade_folder, tmp_path / "elsewhere", "--resume", str(tmp_path / "cut" / "last.pth")))
+    assert elsewhere.returncode == 0, elsewhere.stderr[-2000:]
+    assert (tmp_path / "cut" / "last.pth").read_bytes() == source
+    assert "(step 3 done)" in (tmp_path / "elsewhere" / "log.txt").read_text()
     resumed = _run(_args(ade_folder, tmp_path / "cut"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
     b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
     assert a["step"] == b["step"] == 6
+    c = torch.load(tmp_path / "elsewhere" / "last.pth", weights_only=True)
     for k in a["model"]:
         torch.testing.assert_close(b["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
-    rows = (tmp_path / "cut" / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[1] for r in rows[1:]] == ["3", "6"]
+        torch.testing.assert_close(c["model"][k], a["model"][k], rtol=0, atol=0, msg=k)
+    rows = list(csv.DictReader((tmp_path / "cut" / "metrics.csv").read_text().splitlines()))
+    assert [r["step"] for r in rows] == ["3", "6"]
+    assert list(rows[0]) == ["step", "train_loss", "lr", "mIoU", "mAcc", "aAcc", "img_per_s"]  # keyed on step only
+    assert (tmp_path / "cut" / "curves.png").is_file()
 
     import json
 
@@ -158,3 +170,35 @@ def test_slide_and_multiscale_inference_shapes():
     slide = infer_logits(model, x, (50, 80), mode="slide", crop=(64, 64), stride=(48, 48))
     assert whole.shape == slide.shape == (1, 4, 50, 80)
     torch.testing.assert_close(slide.sum(1), torch.ones(1, 50, 80))
+
+
+def test_segment_resume_from_a_wrong_file_writes_nothing(tmp_path):
+    """A classification checkpoint (or any file that is not a segmentation training checkpoint) given to ``resume``
+    is refused before the output folder is created."""
+    from inceptionnext import create_model
+    from inceptionnext.checkpoint import CheckpointError
+    from inceptionnext.segmentation.engine import train_segmentation
+
+    cls_ckpt = tmp_path / "classification.pth"
+    model = create_model("inceptionnext_atto", num_classes=4)
+    torch.save({"model": model.state_dict(), "optimizer": {}, "scaler": {}, "step": 6, "best": {"top1": 50.0},
+                "rng": {}, "epoch": 0, "class_names": ["a", "b", "c", "d"]}, cls_ckpt)  # fmt: skip
+    cfg = resolve_seg_config("textures", {"output": str(tmp_path / "run"), "iterations": 2, "workers": 0})
+    with pytest.raises(CheckpointError, match="training checkpoint of another task"):
+        train_segmentation(cfg, resume=cls_ckpt)
+    with pytest.raises(CheckpointError, match="checkpoint file not found"):
+        train_segmentation(cfg, resume=tmp_path / "missing.pth")
+    assert not (tmp_path / "run").exists()
+
+
+def test_seg_config_choices_and_errors():
+    from inceptionnext.errors import ConfigError
+    from inceptionnext.segmentation.config import EVAL_MODES, HEADS
+
+    assert HEADS == ("upernet", "fpn") and EVAL_MODES == ("whole", "slide")
+    with pytest.raises(ConfigError, match="head must be upernet or fpn, got 'segformer'"):
+        resolve_seg_config(None, {"head": "segformer"})
+    with pytest.raises(ConfigError, match="eval_mode must be whole or slide"):
+        resolve_seg_config(None, {"eval_mode": "tiles"})
+    with pytest.raises(ConfigError, match="iterations must be >= 1"):
+        resolve_seg_config(None, {"iterations": 0})

@@ -16,8 +16,8 @@ from torch import nn
 import inceptionnext
 from inceptionnext import benchmark as bm
 from inceptionnext.cli import main
-from inceptionnext.models.metanext import ConvMlp
-from inceptionnext.reparam import FusedMetaNeXtBlock, fuse
+from inceptionnext.layers import ConvMlp, LinearMlp
+from inceptionnext.reparam import FusedMetaNeXtBlock, Workspace, WorkspaceInceptionDWConv2d, fuse
 
 ATOL = 1e-4
 
@@ -81,24 +81,59 @@ def test_fuse_is_exact(name):
     assert any(isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules())
 
 
-def test_fuse_workspace_path_is_exact(monkeypatch):
+def test_fuse_workspace_path_is_exact():
     """Large maps reuse per-thread buffers for the mixer output and the MLP hidden map: same numbers."""
     import inceptionnext.reparam as rp
 
     model = _perturb(inceptionnext.create_model("inceptionnext_atto", num_classes=10), seed=5)
     fused = fuse(model).to(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    monkeypatch.setattr(rp, "_WORKSPACE_MIN_BYTES", 0)
+    ws = fused.workspace  # one workspace, owned by the fused model and shared by its blocks
+    assert isinstance(ws, Workspace) and ws.min_bytes == 32 << 20
+    blocks = [b for s in fused.stages for b in s.blocks]
+    assert all(b.mlp.workspace is ws and b.token_mixer.workspace is ws for b in blocks)
+    assert all(type(b.token_mixer) is WorkspaceInceptionDWConv2d for b in blocks)
+    ws.min_bytes = 0  # every map goes through the buffers
     rp.release_workspace()
     with torch.inference_mode():
         ref = model(x)
         first = fused(x)
-        assert getattr(rp._workspace, "hidden", None) is not None and getattr(rp._workspace, "mixed", None) is not None
+        assert ws.slots() == {"hidden", "mixed"}
         second = fused(x[:2])  # a smaller batch reuses the same (larger) buffers
     assert (first - ref).abs().max().item() <= ATOL
     assert (second - ref[:2]).abs().max().item() <= ATOL
-    rp.release_workspace()
-    assert getattr(rp._workspace, "hidden", None) is None
+    rp.release_workspace(fused)
+    assert ws.slots() == set()
+    with torch.inference_mode():
+        fused(x)
+    assert ws.slots() == {"hidden", "mixed"}
+    rp.release_workspace()  # no model: every fused model's buffers
+    assert ws.slots() == set()
+
+
+def test_fused_workspace_is_per_model_and_not_copied():
+    """Copies and pickles of a fused model get their own, empty workspace; the original's buffers stay its own."""
+    import copy
+
+    fused = fuse(inceptionnext.create_model("inceptionnext_atto", num_classes=10))
+    fused.workspace.min_bytes = 0
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        fused.to(memory_format=torch.channels_last)(x)
+    for other in (copy.deepcopy(fused), _reload(fused)):
+        ws = other.workspace
+        assert ws is not fused.workspace and ws.slots() == set() and ws.min_bytes == 0
+        assert all(b.mlp.workspace is ws for s in other.stages for b in s.blocks)
+    assert fused.workspace.slots() == {"hidden", "mixed"}
+
+
+def _reload(model: nn.Module) -> nn.Module:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def test_fused_matches_timm_reference():
@@ -140,9 +175,12 @@ def test_mlp_primitives_agree_in_training():
     a = inceptionnext.create_model("inceptionnext_atto", num_classes=5).to(memory_format=torch.channels_last)
     b = inceptionnext.create_model("inceptionnext_atto", num_classes=5).to(memory_format=torch.channels_last)
     b.load_state_dict(a.state_dict())
-    b.set_mlp_primitive("linear")
-    assert all(m.primitive == "linear" for m in b.modules() if isinstance(m, ConvMlp))
+    params = dict(b.named_parameters())
+    b.set_mlp_primitive("linear")  # swaps the MLP modules; the parameter objects stay
+    mlps = [m for m in b.modules() if isinstance(m, ConvMlp)]
+    assert mlps and all(type(m) is LinearMlp for m in mlps)
     assert a.state_dict().keys() == b.state_dict().keys()
+    assert all(p is params[n] for n, p in b.named_parameters())
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     y = torch.tensor([1, 3])
     for m in (a, b):
@@ -152,6 +190,8 @@ def test_mlp_primitives_agree_in_training():
         assert torch.allclose(ga[k].grad, gb[k].grad, atol=1e-5, rtol=1e-4), k
     with pytest.raises(ValueError, match="primitive"):
         a.set_mlp_primitive("gemm")
+    b.set_mlp_primitive("conv")
+    assert all(type(m) is ConvMlp for m in b.modules() if isinstance(m, ConvMlp))
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -14,12 +14,16 @@ import torch
 import yaml
 
 from inceptionnext import create_model
+from inceptionnext.checkpoint import CheckpointError
 from inceptionnext.cli import main
 from inceptionnext.data import DataError, DigitsDataset, ImageFolderDataset, SeededTransform, build_dataset
 from inceptionnext.engine import NonFiniteLossError, TrainConfig, list_recipes, resolve_config, train, validate
-from inceptionnext.engine import trainer as trainer_mod
+from inceptionnext.engine import classification as classification_mod
 from inceptionnext.engine.checkpointing import atomic_save
-from inceptionnext.engine.config import load_recipe
+from inceptionnext.engine.config import AMP_MODES, SCHEDULES, load_recipe
+from inceptionnext.engine.optim import build_optimizer
+from inceptionnext.engine.run import FAULT_ENV
+from inceptionnext.errors import ConfigError
 
 # Table 9 of the paper, written out: (epochs, global batch, lr, warmup epochs, RandAugment, mixup, reprob,
 # drop path, head dropout, LayerScale init, EMA decay, resolution)
@@ -79,6 +83,32 @@ def test_bad_recipes_are_clear_errors(tmp_path):
         resolve_config(str(bad))
     with pytest.raises(ValueError, match="amp must be"):
         resolve_config(None, {"amp": "fp8"})
+    with pytest.raises(ConfigError, match="amp must be auto, bf16, fp16 or fp32, got 'fp8'"):
+        resolve_config(None, {"amp": "fp8"})
+    with pytest.raises(ConfigError, match="sched must be cosine or none"):
+        resolve_config(None, {"sched": "step"})
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        resolve_config(None, {"epochs": 0})
+    with pytest.raises(ConfigError, match="config file not found"):
+        resolve_config(str(tmp_path / "missing.yaml"))
+
+
+def test_flag_choices_come_from_the_same_constants_as_validation(capsys):
+    import argparse
+
+    from inceptionnext.engine.config import add_config_arguments
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, TrainConfig)
+    actions = {a.dest: a for a in parser._actions}
+    assert actions["amp"].choices == AMP_MODES and actions["sched"].choices == SCHEDULES
+    assert actions["amp"].help.startswith("auto | bf16 | fp16 | fp32")
+    assert parser.parse_args(["--amp", "bf16", "--clip-grad", "none", "--epochs", "3"]) == argparse.Namespace(
+        amp="bf16", clip_grad=None, epochs=3
+    )
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--amp", "fp8"])
+    assert "invalid choice: 'fp8'" in capsys.readouterr().err
 
 
 def test_digits_split_is_fixed_stratified_and_real():
@@ -141,7 +171,7 @@ def test_seeded_transform_is_deterministic_and_leaves_global_rng_alone():
 
 def test_optimizer_has_no_decay_on_norms_biases_and_layerscale():
     model = create_model("inceptionnext_atto", num_classes=10)
-    opt = trainer_mod.build_optimizer(model, 1e-3, weight_decay=0.05)
+    opt = build_optimizer(model, 1e-3, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -208,9 +238,23 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, digits_folder):
     full = _run_cli(_cli_args(tmp_path / "full", digits_folder))
     assert full.returncode == 0, full.stderr
     # hard exit (no clean-up) at step 9: inside epoch 2 (6 steps per epoch), epoch 1 checkpointed
-    killed = _run_cli(_cli_args(tmp_path / "cut", digits_folder), env={trainer_mod.FAULT_ENV: "9"})
+    killed = _run_cli(_cli_args(tmp_path / "cut", digits_folder), env={FAULT_ENV: "9"})
     assert killed.returncode == 137
     assert torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["epoch"] == 0
+    # --resume PATH from another folder continues exactly, and the file it names is only read
+    source = (tmp_path / "cut" / "last.pth").read_bytes()
+    elsewhere = _run_cli(
+        _cli_args(tmp_path / "elsewhere", digits_folder, "--resume", str(tmp_path / "cut" / "last.pth"))
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    assert (tmp_path / "cut" / "last.pth").read_bytes() == source
+    assert (
+        f"resumed from {tmp_path / 'cut' / 'last.pth'} (epoch 0 done"
+        in (tmp_path / "elsewhere" / "log.txt").read_text()
+    )
+    a, b = _state(tmp_path / "full" / "last.pth"), _state(tmp_path / "elsewhere" / "last.pth")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
     resumed = _run_cli(_cli_args(tmp_path / "cut", digits_folder))
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in (tmp_path / "cut" / "log.txt").read_text()
@@ -251,7 +295,7 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_
 
 
 def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, digits_folder, monkeypatch):
-    build = trainer_mod.build_model
+    build = classification_mod.build_model
     calls = {"n": 0}
 
     def poisoned(cfg, num_classes):
@@ -267,7 +311,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(tmp_path, digits_folder, m
         model.register_forward_hook(hook)
         return model
 
-    monkeypatch.setattr(trainer_mod, "build_model", poisoned)
+    monkeypatch.setattr(classification_mod, "build_model", poisoned)
     out = tmp_path / "nan"
     with pytest.raises(
         NonFiniteLossError, match=r"NaN/inf in epoch 2.*last good checkpoint is .*last\.pth \(epoch 0\)"
@@ -308,3 +352,57 @@ def test_fine_tune_from_a_checkpoint_with_other_classes_and_resolution(tmp_path,
 def test_cli_reports_bad_data_clearly(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
     assert "data directory not found" in capsys.readouterr().err
+
+
+def _write_wrong_checkpoint(kind: str, path: Path) -> None:
+    model = create_model("inceptionnext_atto", num_classes=10 if kind == "other-model" else 4)
+    fake = {"model": model.state_dict(), "optimizer": {}, "scaler": {}, "step": 6, "best": {"top1": 50.0},
+            "rng": {}, "epoch": 0, "class_names": [f"class_{c}" for c in range(4)]}  # fmt: skip
+    if kind == "garbage":
+        path.write_bytes(b"not a checkpoint")
+    elif kind == "weights-only":
+        torch.save(model.state_dict(), path)
+    elif kind == "other-task":
+        torch.save(fake | {"best": {"mIoU": 1.0, "step": 3}}, path)
+    elif kind == "other-classes":
+        torch.save(fake | {"class_names": ["a", "b", "c", "d"]}, path)
+    elif kind == "other-model":
+        torch.save(fake, path)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "checkpoint file not found"),
+        ("garbage", r"wrong\.pth (is corrupt|contains pickled)"),
+        ("weights-only", "holds weights only .*, not a classification training checkpoint"),
+        ("other-model", r"does not fit this run's MetaNeXt:\n  shape mismatch: head\.fc2\.weight \(10, 960\) vs \(4,"),
+        ("other-task", "a training checkpoint of another task"),
+        ("other-classes", "trained on the classes"),
+    ],
+)  # fmt: skip
+def test_resume_from_a_wrong_file_is_refused_before_anything_is_written(tmp_path, digits_folder, kind, message):
+    """``resume=PATH`` is read and checked before the output folder is touched: a wrong file neither replaces the
+    run's own ``last.pth`` nor leaves config, logs or metrics behind."""
+    wrong = tmp_path / "wrong.pth"
+    _write_wrong_checkpoint(kind, wrong)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pth").write_bytes(b"the user's checkpoint")
+    with pytest.raises(CheckpointError, match=message):
+        train(_cfg(out, digits_folder, epochs=1), resume=wrong)
+    assert sorted(p.name for p in out.iterdir()) == ["last.pth"]
+    assert (out / "last.pth").read_bytes() == b"the user's checkpoint"
+    fresh = tmp_path / "fresh"
+    with pytest.raises(CheckpointError, match=message):
+        train(_cfg(fresh, digits_folder, epochs=1), resume=wrong)
+    assert not fresh.exists()
+
+
+def test_cli_reports_a_wrong_resume_file_as_a_usage_error(tmp_path, digits_folder, capsys):
+    (tmp_path / "wrong.pth").write_bytes(b"not a checkpoint")
+    args = ["train", "--data", str(digits_folder), "--output", str(tmp_path / "o"), "--img-size", "32",
+            "--batch-size", "16", "--workers", "0"]  # fmt: skip
+    assert main([*args, "--resume", str(tmp_path / "wrong.pth")]) == 2
+    assert "wrong.pth" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

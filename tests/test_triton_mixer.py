@@ -1,4 +1,5 @@
-"""Fused Triton InceptionDWConv2d (inceptionnext.kernels) against the PyTorch module, forward and every gradient.
+"""TritonInceptionDWConv2d (the fused kernels of inceptionnext.kernels) against the reference module, forward and
+every gradient.
 
 The Triton interpreter must be switched on (TRITON_INTERPRET=1) before the kernels are decorated, i.e. before
 ``inceptionnext.kernels`` is imported, and the rest of the suite may already have imported triton/torch, so the
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from inceptionnext import InceptionDWConv2d
+from inceptionnext.layers import TritonInceptionDWConv2d
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no fused kernels to test")
@@ -39,8 +41,9 @@ CASES: dict[str, tuple] = {
     "default_fp16_nchw": (32, 11, 1 / 8, 1, (2, 7, 9), False, "float16", False),
     "default_autocast_bf16_nchw": (32, 11, 1 / 8, 1, (1, 9, 9), False, "float32", True),
 }
-# (BLOCK_P, BLOCK_C) forced for some cases: the interpreter's default tiles cover a whole test image and group, these
-# split it into several pixel tiles and channel blocks per group, with ragged last tiles/blocks (the GPU situation)
+# (BLOCK_P, BLOCK_C) forced for some cases (the module's ``tiles=``): the interpreter's default tiles cover a whole
+# test image and group, these split it into several pixel tiles and channel blocks per group, with ragged last
+# tiles/blocks (the GPU situation)
 FORCED_TILES = {"small_tiles_c40_cl_b2_13x9": (16, 4), "small_tiles_c40_nchw_b2_9x13": (32, 2)}
 # (rtol, atol) against an fp32 reference computed from the same (low precision) values: one rounding of the output
 TOLERANCES = {"float32": (0.0, 1e-4), "bfloat16": (1e-2, 1e-2), "float16": (1e-3, 1e-3)}
@@ -48,7 +51,7 @@ TOLERANCES = {"float32": (0.0, 1e-4), "bfloat16": (1e-2, 1e-2), "float16": (1e-3
 
 # ------------------------------------------------------------------------------------------------------- worker side
 def _run_case(name: str, cfg: tuple) -> dict:
-    from inceptionnext.kernels import inception_dw, inception_dwconv, launch_counts, supports
+    from inceptionnext.kernels import launch_counts, supports
 
     channels, band, ratio, dil, (b, h, w), channels_last, dtype_name, autocast = cfg
     dtype = getattr(torch, dtype_name)
@@ -56,19 +59,21 @@ def _run_case(name: str, cfg: tuple) -> dict:
     ref = InceptionDWConv2d(channels, band_kernel_size=band, branch_ratio=ratio, dilation=dil)
     for p in ref.parameters():  # non-trivial biases
         torch.nn.init.normal_(p, std=0.5)
-    fused = InceptionDWConv2d(channels, band_kernel_size=band, branch_ratio=ratio, dilation=dil).to(dtype)
+    kw = dict(band_kernel_size=band, branch_ratio=ratio, dilation=dil, tiles=FORCED_TILES.get(name))
+    fused = TritonInceptionDWConv2d(channels, **kw).to(dtype)
     fused.load_state_dict(ref.state_dict())  # low precision weights; the reference keeps their exact fp32 values
     ref.load_state_dict({k: v.float() for k, v in fused.state_dict().items()})
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(b, channels, h, w).to(dtype).to(memory_format=fmt)
     dy = torch.randn(b, channels, h, w).to(dtype if not autocast else torch.bfloat16).to(memory_format=fmt)
 
-    inception_dw._FORCE_TILES = FORCED_TILES.get(name)
     before = launch_counts()
     xf = x.detach().clone().requires_grad_()
-    assert supports(fused, xf), "supports() rejected a supported configuration"
+    convs = (fused.dwconv_hw, fused.dwconv_w, fused.dwconv_h)
+    assert supports(xf, fused.split_sizes, convs), "supports() rejected a supported configuration"
+    assert fused.uses_kernel(xf), "the module would not run the kernel"
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        y = inception_dwconv(xf, fused)
+        y = fused(xf)
     y.backward(dy)
     after = launch_counts()
 
@@ -100,11 +105,12 @@ def _run_case(name: str, cfg: tuple) -> dict:
 
 
 def _supports_cases() -> dict[str, bool]:
+    """Which configurations the module sends to the kernel, and the kernel's own check of its arguments."""
     from inceptionnext.kernels import supports
 
     x = torch.randn(1, 64, 8, 8)
     out = {
-        name: supports(InceptionDWConv2d(64, **kw), x)
+        name: TritonInceptionDWConv2d(64, **kw).uses_kernel(x)
         for name, kw in {
             "default": {},
             "band_sequential": dict(band_sequential=True),
@@ -113,8 +119,13 @@ def _supports_cases() -> dict[str, bool]:
             "no_band_h": dict(use_band_h=False),
         }.items()
     }
-    out["int_input"] = supports(InceptionDWConv2d(64), x.long())
-    out["wrong_channels"] = supports(InceptionDWConv2d(32), x)
+    out["int_input"] = TritonInceptionDWConv2d(64).uses_kernel(x.long())
+    out["wrong_channels"] = TritonInceptionDWConv2d(32).uses_kernel(x)
+    seq = InceptionDWConv2d(64, band_sequential=True)  # (identity, g, 2g) and two convs: not the kernel's layout
+    out["kernel_band_sequential"] = supports(x, seq.split_sizes, (seq.dwconv_hw, seq.dwconv_w, seq.dwconv_h))
+    m = InceptionDWConv2d(64)
+    out["kernel_swapped_bands"] = supports(x, m.split_sizes, (m.dwconv_hw, m.dwconv_h, m.dwconv_w))
+    out["kernel_default"] = supports(x, m.split_sizes, (m.dwconv_hw, m.dwconv_w, m.dwconv_h))
     return out
 
 
@@ -218,6 +229,9 @@ def test_supports(interp_results):
         "no_band_h": False,
         "int_input": False,
         "wrong_channels": False,
+        "kernel_band_sequential": False,
+        "kernel_swapped_bands": False,
+        "kernel_default": True,
     }
 
 
@@ -227,7 +241,9 @@ def test_import_without_device_is_safe():
 
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         assert not triton_available()
-        assert not supports(InceptionDWConv2d(64), torch.randn(1, 64, 8, 8))
+        m, x = TritonInceptionDWConv2d(64), torch.randn(1, 64, 8, 8)
+        assert not supports(x, m.split_sizes, (m.dwconv_hw, m.dwconv_w, m.dwconv_h))
+        assert not m.uses_kernel(x)
 
 
 @needs_triton

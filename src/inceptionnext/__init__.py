@@ -19,8 +19,7 @@ from .models import (
     register_in_timm,
 )
 from .reparam import fuse
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__  # re-exported: the package version
 
 __all__ = [
     "CheckpointError",

@@ -215,7 +215,8 @@ def _inference_step(model: nn.Module, name: str, impl: str, device: torch.device
 
 
 def _onnxruntime_step(model: nn.Module, x: torch.Tensor):
-    from .export import OnnxClassifier, export_onnx
+    from .export import export_onnx
+    from .serve import OnnxClassifier
 
     tmp = tempfile.TemporaryDirectory(prefix="inceptionnext-bench-")
     path = Path(tmp.name) / "model.onnx"

@@ -170,11 +170,12 @@ def load_state_dict_checked(
     * Missing or unexpected keys and shape mismatches raise :class:`CheckpointError` listing them (``strict``).
     * A classifier of another size (another ``num_classes``) is left at its fresh init, with a warning.
     * A features-only backbone ignores the head (and pruned stages) of a classification checkpoint.
-    """
-    from .models.metanext import MetaNeXt
 
-    # foreign layouts are renamed for this package's models only: a timm model keeps timm's keys
-    layout = detect_layout(sd) if isinstance(model, MetaNeXt) else "native"
+    Foreign layouts are renamed only for models that declare ``accepts_foreign_layouts`` (this package's MetaNeXt):
+    a timm model keeps timm's keys. The flag, rather than an isinstance check, keeps this module free of the model
+    classes, which import it.
+    """
+    layout = detect_layout(sd) if getattr(model, "accepts_foreign_layouts", False) else "native"
     if layout != "native":
         sd = remap_state_dict(sd)
     own = model.state_dict()
@@ -217,11 +218,7 @@ def load_state_dict_checked(
             + "\n  ".join(problems)
             + hint
         )
-    result = model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
-    if strict and result.missing_keys:
-        leftover = [k for k in result.missing_keys if not k.endswith("num_batches_tracked") and k not in head_mismatch]
-        if leftover:  # pragma: no cover - guarded above
-            raise CheckpointError(f"{source}: missing keys after loading: {_listing(leftover)}")
+    model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)  # strictness is checked above
     return report
 
 

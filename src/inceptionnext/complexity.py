@@ -84,7 +84,7 @@ def as_printed(value: float, printed: str) -> str:
     return str(shown.quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ComplexityRow:
     name: str
     resolution: int
@@ -113,13 +113,13 @@ def complexity_row(name: str) -> ComplexityRow:
         model = create_model(name)
     paper = entry.paper
     return ComplexityRow(
-        name,
-        entry.cfg.input_size[-1],
-        count_params(model),
-        count_macs(model, entry.cfg.input_size),
-        paper.table if paper else None,
-        paper.params_m if paper else None,
-        paper.macs_g if paper else None,
+        name=name,
+        resolution=entry.cfg.input_size[-1],
+        params=count_params(model),
+        macs=count_macs(model, entry.cfg.input_size),
+        paper_table=paper.table if paper else None,
+        paper_params=paper.params_m if paper else None,
+        paper_macs=paper.macs_g if paper else None,
     )
 
 
@@ -178,7 +178,7 @@ def _weights_and_flops(module: nn.Module, channels: int, hw: int) -> tuple[int, 
     return weights, counter.get_total_flops()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Table2Row:
     k: int
     channels: int
@@ -209,8 +209,14 @@ def table2_check(kernel_sizes: Iterable[int] = (3, 5, 7, 9, 11, 13, 15, 17, 19, 
     for k in kernel_sizes:
         dw = PartialDWConv2d(channels, kernel_size=k)
         inc = InceptionDWConv2d(channels, square_kernel_size=3, band_kernel_size=k, branch_ratio=1 / 8)
-        rows.append(Table2Row(k, channels, hw, *_weights_and_flops(dw, channels, hw),
-                              *_weights_and_flops(inc, channels, hw)))  # fmt: skip
+        dw_params, dw_flops = _weights_and_flops(dw, channels, hw)
+        inception_params, inception_flops = _weights_and_flops(inc, channels, hw)
+        rows.append(
+            Table2Row(
+                k=k, channels=channels, hw=hw, dw_params=dw_params, dw_flops=dw_flops,
+                inception_params=inception_params, inception_flops=inception_flops,
+            )
+        )  # fmt: skip
     return rows
 
 

@@ -1,7 +1,8 @@
-"""Export classifiers to ONNX and TorchScript with a parity check, and serve ONNX files with onnxruntime on CPU.
+"""Export classifiers to ONNX and TorchScript, check the files against the eager model, and store serving metadata.
 
->>> from inceptionnext.export import export_onnx, OnnxClassifier
+>>> from inceptionnext.export import export_onnx
 >>> report = export_onnx(model, "model.onnx")  # raises ExportError if onnxruntime disagrees with torch
+>>> from inceptionnext.serve import OnnxClassifier  # serving the file is the job of inceptionnext.serve
 >>> logits = OnnxClassifier("model.onnx")(images)  # (B, 3, H, W) float32 -> (B, num_classes)
 
 **Exporter choice (torch 2.14).** :func:`export_onnx` uses the ``torch.export``-based exporter
@@ -23,7 +24,10 @@ timm's own ``timm.utils.onnx_export`` defaults to the TorchScript-based exporter
 
 The preprocessing needed to serve the file (input size, mean, std, crop_pct, interpolation, class names, model
 name) is stored as JSON strings in the ONNX ``metadata_props`` (:func:`read_onnx_metadata`) and, for TorchScript, in
-the ``inceptionnext.json`` extra file of the archive (:func:`read_torchscript_metadata`).
+the ``inceptionnext.json`` extra file of the archive (:func:`inceptionnext.serve.read_torchscript_metadata`).
+``OnnxClassifier``, ``load_onnx_model``, ``read_onnx_metadata``, ``read_torchscript_metadata``, ``OnnxModule`` and
+``physical_cores`` moved to :mod:`inceptionnext.serve`; importing them from here still works for one release, with a
+``DeprecationWarning``.
 """
 
 from __future__ import annotations
@@ -42,36 +46,42 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import UserError
+from .errors import ConfigError, UserError
+from .models.pretrained import PREPROCESSING_KEYS
+from .serve import TORCHSCRIPT_META, MissingDependencyError, _ignore_jit_deprecation, _require_onnx
+from .serve import OnnxClassifier as _OnnxClassifier
+from .version import __version__
 
-__all__ = [
-    "ExportError",
-    "ExportReport",
-    "MissingDependencyError",
-    "OnnxClassifier",
-    "OnnxModule",
-    "export_onnx",
-    "export_torchscript",
-    "load_onnx_model",
-    "physical_cores",
-    "read_onnx_metadata",
-    "read_torchscript_metadata",
-]
+__all__ = ["ExportError", "ExportReport", "MissingDependencyError", "export_onnx", "export_torchscript"]
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
-TORCHSCRIPT_META = "inceptionnext.json"
 MIN_DYNAMO_OPSET = 18  # the dynamo exporter has no translations below this and silently keeps 18
 _LARGE = 2**31 - 2**27  # weights above this go to an external-data sidecar (protobuf's 2 GB limit, with headroom)
-_PRE_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
+_EXPORTERS = ("auto", "dynamo", "torchscript")
+# the names inceptionnext.serve took over, still importable from here (with a DeprecationWarning) for one release
+_MOVED_TO_SERVE = (
+    "OnnxClassifier", "OnnxModule", "load_onnx_model", "physical_cores", "read_onnx_metadata",
+    "read_torchscript_metadata",
+)  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_SERVE:
+        warnings.warn(
+            f"inceptionnext.export.{name} moved to inceptionnext.serve.{name}; the old import path will be removed "
+            "in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        from . import serve
+
+        return getattr(serve, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class ExportError(UserError, RuntimeError):
     """The model cannot be exported, or the exported file disagrees with the eager model."""
-
-
-class MissingDependencyError(UserError, ImportError):
-    """onnx / onnxruntime / onnxscript are not installed."""
 
 
 @dataclass
@@ -106,20 +116,6 @@ class ExportReport:
         return f"{self.format:11s} {self.path}  {size}  {how}, {batch}, {hw} px; {parity} [{self.seconds:.1f}s]"
 
 
-def _require_onnx(*modules: str) -> None:
-    missing = []
-    for name in modules:
-        try:
-            __import__(name)
-        except ImportError:
-            missing.append(name)
-    if missing:
-        raise MissingDependencyError(
-            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
-            "install the ONNX extra: pip install 'inceptionnext[onnx]'"
-        )
-
-
 # ------------------------------------------------------------------------------------------------ model helpers
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
@@ -134,10 +130,8 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _feature_net_types() -> tuple[type, ...]:
-    try:
-        from timm.models import _features as tf
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return ()
+    from timm.models import _features as tf
+
     names = ("FeatureListNet", "FeatureDictNet", "FeatureHookNet", "FeatureGetterNet")
     return tuple(getattr(tf, n) for n in names if hasattr(tf, n))
 
@@ -170,10 +164,10 @@ def _input_chw(model: nn.Module, image_size: int | Sequence[int] | None) -> tupl
         if len(sizes) == 3:  # (C, H, W)
             chans, sizes = sizes[0], sizes[1:]
         if len(sizes) != 2:
-            raise ValueError(f"image_size must be an int, (H, W) or (C, H, W), got {image_size!r}")
+            raise ConfigError(f"image_size must be an int, (H, W) or (C, H, W), got {image_size!r}")
         h, w = sizes
     if h < 1 or w < 1:
-        raise ValueError(f"image size must be positive, got {h}x{w}")
+        raise ConfigError(f"image size must be positive, got {h}x{w}")
     return chans, h, w
 
 
@@ -216,12 +210,13 @@ def _check_batches(batch_size: int, dynamic: bool) -> tuple[int, ...]:
 
 
 def _metadata(model: nn.Module, chw: tuple[int, int, int], extra: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Serving metadata: the model's pretrained cfg, overridden by ``extra``; input_size is always the exported one."""
-    from . import __version__
+    """Serving metadata: the model's pretrained cfg, overridden by ``extra``; input_size is always the exported one.
 
+    Preprocessing keys the model's cfg leaves unset stay unset: the reader applies the same defaults.
+    """
     cfg = _cfg(model)
     meta: dict[str, Any] = {"model_name": cfg.get("architecture") or type(model).__name__}
-    meta.update({k: cfg[k] for k in ("crop_pct", "interpolation", "mean", "std") if cfg.get(k) is not None})
+    meta.update({k: cfg[k] for k in PREPROCESSING_KEYS if k != "input_size" and cfg.get(k) is not None})
     if cfg.get("label_names"):
         meta["class_names"] = list(cfg["label_names"])
     if getattr(model, "num_classes", None) is not None:
@@ -232,16 +227,6 @@ def _metadata(model: nn.Module, chw: tuple[int, int, int], extra: Mapping[str, A
     meta["inceptionnext_version"] = __version__
     meta["torch_version"] = torch.__version__
     return {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
-
-
-def _decode(props: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in props.items():
-        try:
-            out[k] = json.loads(v)
-        except (TypeError, ValueError):
-            out[k] = v
-    return out
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
@@ -353,12 +338,12 @@ def export_onnx(
     _require_onnx("onnx", "onnxscript", "onnxruntime")
     import onnx
 
-    if exporter not in ("auto", "dynamo", "torchscript"):
-        raise ValueError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
+    if exporter not in _EXPORTERS:
+        raise ConfigError(f"exporter must be one of {', '.join(map(repr, _EXPORTERS))}, got {exporter!r}")
     if exporter == "dynamo" and opset is not None and opset < MIN_DYNAMO_OPSET:
-        raise ValueError(f"the dynamo exporter supports opset >= {MIN_DYNAMO_OPSET}, got {opset}")
+        raise ConfigError(f"the dynamo exporter supports opset >= {MIN_DYNAMO_OPSET}, got {opset}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_classifier(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -374,7 +359,9 @@ def export_onnx(
         _probe(model, x)
         param_bytes = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
         external = param_bytes >= _LARGE
-        use_legacy = exporter == "torchscript" or (exporter == "auto" and opset is not None and opset < 18)
+        use_legacy = exporter == "torchscript" or (
+            exporter == "auto" and opset is not None and opset < MIN_DYNAMO_OPSET
+        )
         used = "torchscript" if use_legacy else "dynamo"
         if not use_legacy:
             try:
@@ -415,7 +402,7 @@ def export_onnx(
                     onnx.checker.check_model(str(path), full_check=True)
                 except Exception as e:
                     raise ExportError(f"onnx.checker rejects {path}: {type(e).__name__}: {e}") from e
-                runner = OnnxClassifier(path)
+                runner = _OnnxClassifier(path)
                 batches = _check_batches(batch_size, dynamic_batch)
                 report.max_abs_diff = _verify(runner, ref, chw, batches, atol, device, f"ONNX file {path}")
                 report.checked_batch_sizes, report.atol = batches, atol
@@ -423,26 +410,11 @@ def export_onnx(
     return report
 
 
-def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata :func:`export_onnx` stored in an ``.onnx`` file (JSON-decoded values; other files: as stored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such ONNX file")
-    try:
-        import onnx
-    except ImportError:  # onnxruntime alone can read them too
-        return dict(OnnxClassifier(path, intra_op_threads=1).metadata)
-    proto = onnx.load(str(path), load_external_data=False)
-    return _decode({p.key: p.value for p in proto.metadata_props})
-
-
 # --------------------------------------------------------------------------------------------------- TorchScript
 @contextlib.contextmanager
 def _quiet_torchscript() -> Iterator[None]:
-    # torch 2.14 marks torch.jit.trace/save/load deprecated (FutureWarning, "switch to torch.compile or
-    # torch.export"); TorchScript still works and is what C++ (libtorch) deployments load, so we silence only that.
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=FutureWarning)
+        _ignore_jit_deprecation()
         _ignore_check_input_tracer_warnings()
         yield
 
@@ -462,11 +434,12 @@ def export_torchscript(
 
     ``torch.jit.script`` does not compile these models (starred unpacking of ``torch.split`` in the mixers), so the
     model is traced; H and W are fixed by the example input, the batch size is not. The serving metadata is stored
-    as the ``inceptionnext.json`` extra file of the archive (:func:`read_torchscript_metadata`). Arguments as in
+    as the ``inceptionnext.json`` extra file of the archive (:func:`inceptionnext.serve.read_torchscript_metadata`).
+    Arguments as in
     :func:`export_onnx`.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     _check_classifier(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -497,146 +470,3 @@ def export_torchscript(
                 report.checked_batch_sizes, report.atol = batches, atol
     report.seconds = time.perf_counter() - start
     return report
-
-
-def read_torchscript_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata :func:`export_torchscript` stored in a TorchScript archive ({} if there is none)."""
-    files = {TORCHSCRIPT_META: ""}
-    with _quiet_torchscript():
-        torch.jit.load(str(path), map_location="cpu", _extra_files=files)
-    return json.loads(files[TORCHSCRIPT_META]) if files[TORCHSCRIPT_META] else {}
-
-
-# ------------------------------------------------------------------------------------------ onnxruntime serving
-def physical_cores() -> int:
-    """Physical CPU cores available to this process (hyper-threads don't help onnxruntime's GEMMs)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count() or 1
-    cores = None
-    try:
-        import psutil
-
-        cores = psutil.cpu_count(logical=False)
-    except ImportError:
-        try:
-            seen, phys = set(), "0"
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "physical id":
-                    phys = value.strip()
-                elif key.strip() == "core id":
-                    seen.add((phys, value.strip()))
-            cores = len(seen) or None
-        except OSError:
-            pass
-    return max(1, min(cores or usable, usable))
-
-
-class OnnxClassifier:
-    """An ``.onnx`` classifier in an onnxruntime CPU session: ``clf(images) -> logits`` (numpy float32).
-
-    Args:
-        path: the ``.onnx`` file.
-        intra_op_threads: threads per operator (default: :func:`physical_cores`).
-        inter_op_threads: threads across independent operators (the graph is a chain: 1).
-        optimization_level: onnxruntime graph optimisations: ``"all"`` (default), ``"extended"``, ``"basic"`` or
-            ``"none"``.
-
-    ``session`` is the ``onnxruntime.InferenceSession`` (for timing or IO binding), ``metadata`` the decoded
-    ``metadata_props``, ``preprocessing`` the eval transform settings and ``class_names`` the labels when stored.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        intra_op_threads: int | None = None,
-        inter_op_threads: int = 1,
-        optimization_level: str = "all",
-    ) -> None:
-        _require_onnx("onnxruntime")
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such ONNX file")
-        levels = {
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        }
-        if optimization_level not in levels:
-            raise ValueError(f"optimization_level must be one of {', '.join(levels)}, got {optimization_level!r}")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = levels[optimization_level]
-        opts.intra_op_num_threads = intra_op_threads or physical_cores()
-        opts.inter_op_num_threads = inter_op_threads
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise ValueError(f"{self.path}: onnxruntime cannot load it ({type(e).__name__}: {e})") from e
-        inp, out = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input_name, self.output_name = inp.name, out.name
-        self.input_shape = tuple(d if isinstance(d, int) else None for d in inp.shape)  # None: dynamic
-        self.metadata = _decode(self.session.get_modelmeta().custom_metadata_map)
-
-    @property
-    def preprocessing(self) -> dict[str, Any]:
-        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in self.metadata.items() if k in _PRE_KEYS}
-        if "input_size" not in pre and len(self.input_shape) == 4 and None not in self.input_shape[1:]:
-            pre["input_size"] = self.input_shape[1:]
-        return pre
-
-    @property
-    def class_names(self) -> list[str] | None:
-        names = self.metadata.get("class_names")
-        return list(names) if names else None
-
-    @property
-    def model_name(self) -> str:
-        return str(self.metadata.get("model_name") or self.path.stem)
-
-    def __call__(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        if isinstance(images, torch.Tensor):
-            images = images.detach().to("cpu", torch.float32).numpy()
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        expected = self.input_shape
-        if x.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected[1:], x.shape[1:])):
-            want = "x".join("?" if e is None else str(e) for e in expected)
-            raise ValueError(f"{self.path.name} takes input of shape {want}, got {'x'.join(map(str, x.shape))}")
-        return self.session.run([self.output_name], {self.input_name: x})[0]
-
-    def __repr__(self) -> str:
-        return f"OnnxClassifier({str(self.path)!r}, model={self.model_name!r}, input={self.input_shape})"
-
-
-class OnnxModule(nn.Module):
-    """An :class:`OnnxClassifier` behind the ``nn.Module`` interface (tensor in, tensor out, CPU), so the torch
-    tools (``predict``) run it unchanged."""
-
-    def __init__(self, classifier: OnnxClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier
-        self.num_classes = int(classifier.metadata.get("num_classes") or 0) or None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.classifier(x))
-
-
-def load_onnx_model(path: str | os.PathLike, *, intra_op_threads: int | None = None):
-    """An exported ``.onnx`` file as a :class:`~inceptionnext.inference.LoadedModel` (for ``predict``): the
-    preprocessing and class names come from the metadata stored at export."""
-    from .inference import LoadedModel, imagenet_class_names
-
-    clf = OnnxClassifier(path, intra_op_threads=intra_op_threads)
-    pre = clf.preprocessing
-    if "input_size" not in pre:
-        raise ValueError(f"{path}: no input size in its metadata or graph; re-export it with inceptionnext export")
-    names = clf.class_names
-    if names is None and clf.metadata.get("num_classes") == 1000:
-        names = imagenet_class_names()
-    return LoadedModel(OnnxModule(clf).eval(), clf.model_name, pre, names, f"{path} (onnxruntime)")

@@ -1,8 +1,14 @@
-"""Loading a model for inference with its preprocessing and class names; reading user images robustly."""
+"""Loading a model for inference with its preprocessing and class names; reading user images robustly.
+
+Preprocessing is resolved in one place, :func:`inceptionnext.models.pretrained.resolve_data_config`: a model's
+``pretrained_cfg`` (timm's models included), a training checkpoint's ``eval_preprocessing`` or an exported file's
+metadata, with the same defaults everywhere.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +19,25 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from .checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
+from .errors import ConfigError, UserError
 from .models.factory import create_any_model
+from .models.pretrained import HUB_PREFIXES, resolve_data_config
 
-__all__ = ["LoadedModel", "load_model", "eval_transform", "read_image", "find_images", "imagenet_class_names"]
+__all__ = [
+    "ImageError",
+    "LoadedModel",
+    "load_model",
+    "eval_transform",
+    "read_image",
+    "find_images",
+    "imagenet_class_names",
+]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-_PRE_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
+
+
+class ImageError(UserError, ValueError):
+    """A file that is not a readable image; batch tools report it and go on with the other files."""
 
 
 @dataclass
@@ -52,18 +71,17 @@ def load_model(
         classes = list(obj["class_names"])
         model = create_any_model(name, num_classes=len(classes), **cfg.get("model_kwargs", {}))
         load_state_dict_checked(model, extract_state_dict(obj, use_ema=use_ema), source=str(checkpoint))
-        pre = {k: (tuple(v) if isinstance(v, list) else v) for k, v in obj["eval_preprocessing"].items()}
+        pre = resolve_data_config(obj["eval_preprocessing"])
         weights = f"{checkpoint} ({'EMA' if use_ema else 'raw'} weights, epoch {obj['epoch'] + 1})"
         return LoadedModel(model.eval(), name, pre, classes, weights, train_config=dict(cfg))
     if name is None:
-        raise ValueError(f"{checkpoint} is not a training checkpoint of this package: name the model (--model)")
-    from_hub = name.startswith(("hf-hub:", "local-dir:"))  # an exported folder always carries its weights
+        raise ConfigError(f"{checkpoint} is not a training checkpoint of this package: name the model (--model)")
+    from_hub = name.startswith(HUB_PREFIXES)  # an exported folder always carries its weights
     model = create_any_model(name, pretrained=(pretrained or from_hub) and checkpoint is None)
     if checkpoint:
         load_state_dict_checked(model, extract_state_dict(obj, use_ema=use_ema), source=str(checkpoint))
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    pre = {k: cfg[k] for k in _PRE_KEYS if k in cfg}
-    pre.setdefault("input_size", (3, 224, 224))
+    pre = resolve_data_config(cfg)
     classes = cfg.get("label_names")
     if classes is None and getattr(model, "num_classes", 0) == 1000:
         classes = imagenet_class_names()
@@ -71,19 +89,17 @@ def load_model(
     return LoadedModel(model.eval(), name, pre, list(classes) if classes else None, weights)
 
 
-def eval_transform(pre: dict[str, Any]):
+def eval_transform(pre: Mapping[str, Any]):
+    """timm's eval transform (resize, center crop, normalise) for preprocessing settings; unset keys take the
+    defaults of :func:`~inceptionnext.models.pretrained.resolve_data_config`."""
     from timm.data import create_transform
 
-    return create_transform(
-        tuple(pre["input_size"]), is_training=False, crop_pct=pre.get("crop_pct", 0.875),
-        interpolation=pre.get("interpolation", "bicubic"), mean=tuple(pre.get("mean", (0.485, 0.456, 0.406))),
-        std=tuple(pre.get("std", (0.229, 0.224, 0.225))),
-    )  # fmt: skip
+    return create_transform(**resolve_data_config(pre), is_training=False)
 
 
 def read_image(path: str | os.PathLike) -> Image.Image:
     """An RGB image from any common file: grayscale and palette images are converted, transparency is composited
-    on white, 16-bit and float images are rescaled to 8 bits. Raises ``ValueError`` for unreadable files."""
+    on white, 16-bit and float images are rescaled to 8 bits. Raises :class:`ImageError` for unreadable files."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -98,7 +114,7 @@ def read_image(path: str | os.PathLike) -> Image.Image:
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def find_images(paths: list[str | os.PathLike]) -> tuple[list[Path], list[str]]:

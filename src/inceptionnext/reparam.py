@@ -16,7 +16,9 @@ What is left per block is ``mixer -> fc1 -> GELU -> fc2 -> + x``. :class:`FusedM
 channels-last view of the map; on CPU it uses oneDNN's linear with the GELU and the residual add fused into the GEMM
 epilogue (``mkldnn::_linear_pointwise``), so neither the 4x wide activation nor the sum makes an extra pass over
 memory. Elsewhere (CUDA, half precision, ``torch.compile``) it uses plain ``F.linear`` / 1x1 convolutions and leaves
-fusion to the backend.
+fusion to the backend. Large maps in eager CPU inference are written into buffers that the fused model keeps from
+call to call (its :class:`Workspace`; :class:`WorkspaceInceptionDWConv2d` for the mixer output, :class:`FusedMlp` for
+the hidden map); :func:`release_workspace` frees them.
 
 The fused model computes the same function as the original in eval mode (max abs difference ~1e-5 in fp32, tested)
 and keeps the module tree (``stem``, ``stages.N.downsample``, ``stages.N.blocks.M``, ``head``), so
@@ -28,16 +30,28 @@ from __future__ import annotations
 
 import copy
 import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
+from .errors import ConfigError
 from .layers.mixers import InceptionDWConv2d, PartialDWConv2d
-from .models.metanext import ConvMlp, MetaNeXt, MetaNeXtBlock, MlpHead, NormLinearHead
+from .layers.mlp import ConvMlp
+from .layers.swap import share_as
+from .models.metanext import MetaNeXt, MetaNeXtBlock, MlpHead, NormLinearHead
 
-__all__ = ["fuse", "FusedMlp", "FusedMetaNeXtBlock", "is_fused", "release_workspace"]
+__all__ = [
+    "fuse",
+    "FusedMlp",
+    "FusedMetaNeXtBlock",
+    "Workspace",
+    "WorkspaceInceptionDWConv2d",
+    "is_fused",
+    "release_workspace",
+]
 
 
 def _bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,28 +141,58 @@ def _mkldnn_linear_ok(x: torch.Tensor) -> bool:
     return _MKLDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
 
 
-# glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh mmaps: every such tensor costs page
-# faults and kernel zeroing. The MLP's 4x wide hidden map crosses that at 224px from batch ~8 (stage 1), so in
-# eager CPU inference it is computed into a per-thread buffer that is reused from call to call.
-_WORKSPACE_MIN_BYTES = 32 << 20
-_workspace = threading.local()
+class Workspace:
+    """Reusable per-thread buffers of one fused model, so that large maps are not faulted in afresh on every call.
+
+    glibc serves allocations above 32 MiB (its largest mmap threshold) with fresh mmaps: every such tensor costs page
+    faults and kernel zeroing. The MLP's 4x wide hidden map crosses that at 224px from batch ~8 (stage 1), so in eager
+    CPU inference it (and the mixer output) is computed into a buffer that is reused from call to call and from block
+    to block. Buffers are per thread, so threads sharing a model do not overwrite each other's maps.
+
+    Args:
+        min_bytes: maps at least this large use the buffers (smaller ones are served from glibc's heap anyway).
+    """
+
+    def __init__(self, min_bytes: int = 32 << 20) -> None:
+        self.min_bytes = min_bytes
+        self._local = threading.local()
+        _WORKSPACES.add(self)
+
+    def __reduce__(self):
+        return Workspace, (self.min_bytes,)  # copies and pickles start with no buffers
+
+    def wants(self, x: torch.Tensor, numel: int) -> bool:
+        """Whether a ``numel``-element map like ``x`` should go to a buffer (large, eager CPU fp32 inference)."""
+        return _mkldnn_linear_ok(x) and numel * x.element_size() >= self.min_bytes
+
+    def buffer(self, slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
+        """This thread's buffer ``slot``, grown as needed, as a flat tensor of ``numel`` elements."""
+        buf = getattr(self._local, slot, None)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            setattr(self._local, slot, buf)
+        return buf[:numel]
+
+    def slots(self) -> set[str]:
+        """Names of the buffers this thread holds."""
+        return set(vars(self._local))
+
+    def release(self) -> None:
+        """Drop every thread's buffers (a thread in the middle of a call keeps its own until it returns)."""
+        self._local = threading.local()
 
 
-def _buffer(slot: str, numel: int, like: torch.Tensor) -> torch.Tensor:
-    buf = getattr(_workspace, slot, None)
-    if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
-        buf = torch.empty(numel, dtype=like.dtype, device=like.device)
-        setattr(_workspace, slot, buf)
-    return buf[:numel]
+_WORKSPACES: weakref.WeakSet[Workspace] = weakref.WeakSet()  # every live workspace, for release_workspace()
 
 
-def _use_workspace(x: torch.Tensor, numel: int) -> bool:
-    return numel * x.element_size() >= _WORKSPACE_MIN_BYTES and _mkldnn_linear_ok(x)
-
-
-def release_workspace() -> None:
-    """Free this thread's reusable buffers (kept between calls to avoid re-faulting fresh memory)."""
-    _workspace.__dict__.clear()
+def release_workspace(model: nn.Module | None = None) -> None:
+    """Free the reusable buffers of the fused ``model`` (default: of every fused model in this process)."""
+    if model is None:
+        spaces = list(_WORKSPACES)
+    else:
+        spaces = [m.workspace for m in model.modules() if isinstance(getattr(m, "workspace", None), Workspace)]
+    for ws in spaces:
+        ws.release()
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
@@ -160,15 +204,18 @@ class FusedMlp(nn.Module):
 
     ``primitive`` picks how the GEMMs run on a channels-last input: ``"auto"`` (oneDNN fused epilogues on CPU fp32
     inference, ``F.linear`` otherwise), ``"linear"`` or ``"conv"`` (1x1 convolutions). NCHW-contiguous inputs always
-    use 1x1 convolutions, which read NCHW directly.
+    use 1x1 convolutions, which read NCHW directly. With a ``workspace``, a large hidden map goes to its buffer.
     """
 
-    def __init__(self, fc1: nn.Linear, fc2: nn.Linear, primitive: str = "auto") -> None:
+    def __init__(
+        self, fc1: nn.Linear, fc2: nn.Linear, primitive: str = "auto", workspace: Workspace | None = None
+    ) -> None:
         super().__init__()
         if primitive not in ("auto", "linear", "conv"):
-            raise ValueError(f"primitive must be 'auto', 'linear' or 'conv', got {primitive!r}")
+            raise ConfigError(f"primitive must be 'auto', 'linear' or 'conv', got {primitive!r}")
         self.fc1, self.fc2 = fc1, fc2
         self.primitive = primitive
+        self.workspace = workspace
 
     def forward(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
         w1, b1, w2, b2 = self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias
@@ -183,8 +230,9 @@ class FusedMlp(nn.Module):
         res = shortcut.permute(0, 2, 3, 1).reshape(-1, c)  # a view too when the shortcut is channels-last
         if self.primitive == "auto" and not grad and _mkldnn_linear_ok(rows) and res.is_contiguous():
             hidden = (rows.shape[0], w1.shape[0])
-            if _use_workspace(rows, hidden[0] * hidden[1]):
-                h = _buffer("hidden", hidden[0] * hidden[1], rows).view(hidden)
+            ws = self.workspace
+            if ws is not None and ws.wants(rows, hidden[0] * hidden[1]):
+                h = ws.buffer("hidden", hidden[0] * hidden[1], rows).view(hidden)
                 torch.ops.aten.gelu_(torch.addmm(b1, rows, w1.t(), out=h))
             else:
                 h = torch.ops.mkldnn._linear_pointwise(rows, w1, b1, "gelu", [], "none")
@@ -195,6 +243,23 @@ class FusedMlp(nn.Module):
             out = F.linear(h, w2, b2)
             out = out + res if grad else out.add_(res)
         return out.reshape(b, hh, ww, c).permute(0, 3, 1, 2)
+
+
+class WorkspaceInceptionDWConv2d(InceptionDWConv2d):
+    """The reference mixer concatenating into its workspace buffer on large maps (eager CPU inference).
+
+    Only for the fused model: the output is overwritten by the next block's mixer, which is safe there because it only
+    feeds the block's ``fc1``.
+    """
+
+    workspace: Workspace
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled() and _is_channels_last(x) and self.workspace.wants(x, x.numel()):
+            b, c, h, w = x.shape
+            out = self.workspace.buffer("mixed", x.numel(), x).view(b, h, w, c).permute(0, 3, 1, 2)
+            return torch.cat(self.forward_groups(x), dim=1, out=out)
+        return super().forward(x)
 
 
 class FusedMetaNeXtBlock(nn.Module):
@@ -208,21 +273,10 @@ class FusedMetaNeXtBlock(nn.Module):
         self.mlp = mlp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mixer = self.token_mixer
-        if (
-            type(mixer) is InceptionDWConv2d
-            and not torch.is_grad_enabled()
-            and _is_channels_last(x)
-            and _use_workspace(x, x.numel())
-        ):
-            # the mixer's output only feeds fc1: concatenate into a reused buffer instead of a fresh map
-            b, c, h, w = x.shape
-            out = _buffer("mixed", x.numel(), x).view(b, h, w, c).permute(0, 3, 1, 2)
-            return self.mlp(self.norm(mixer(x, out=out)), x)
-        return self.mlp(self.norm(mixer(x)), x)
+        return self.mlp(self.norm(self.token_mixer(x)), x)
 
 
-def _fuse_block(block: MetaNeXtBlock, primitive: str) -> FusedMetaNeXtBlock:
+def _fuse_block(block: MetaNeXtBlock, primitive: str, workspace: Workspace) -> FusedMetaNeXtBlock:
     if not isinstance(block.mlp, ConvMlp) or not isinstance(block.mlp.act, nn.GELU):
         raise TypeError(f"cannot fuse a block with MLP {type(block.mlp).__name__}")
     dim = block.mlp.fc1.in_channels
@@ -250,7 +304,10 @@ def _fuse_block(block: MetaNeXtBlock, primitive: str) -> FusedMetaNeXtBlock:
     lin1, lin2 = nn.Linear(w1.shape[1], w1.shape[0], **like), nn.Linear(w2.shape[1], w2.shape[0], **like)
     _assign(lin1, w1, b1)
     _assign(lin2, w2, b2)
-    return FusedMetaNeXtBlock(block.token_mixer, norm, FusedMlp(lin1, lin2, primitive))
+    mixer = block.token_mixer
+    if type(mixer) is InceptionDWConv2d:  # the reference on CPU: write its output into the workspace
+        mixer = share_as(WorkspaceInceptionDWConv2d, mixer, workspace=workspace)
+    return FusedMetaNeXtBlock(mixer, norm, FusedMlp(lin1, lin2, primitive, workspace))
 
 
 def _fuse_head(head: nn.Module) -> None:
@@ -278,7 +335,9 @@ def fuse(model: MetaNeXt, *, inplace: bool = False, primitive: str = "auto") -> 
         primitive: how the block MLPs run on channels-last maps, see :class:`FusedMlp`.
 
     The result is in eval mode. For the fastest CPU inference also convert model and input to channels-last
-    (``model.to(memory_format=torch.channels_last)``), which is what ``inceptionnext benchmark`` does.
+    (``model.to(memory_format=torch.channels_last)``), which is what ``inceptionnext benchmark`` does. Its reusable
+    buffers live in ``model.workspace`` (:class:`Workspace`), freed by :func:`release_workspace`. Triton mixers
+    (:class:`~inceptionnext.layers.TritonInceptionDWConv2d`) stay Triton mixers.
     """
     if not isinstance(model, MetaNeXt):
         raise TypeError(
@@ -287,9 +346,12 @@ def fuse(model: MetaNeXt, *, inplace: bool = False, primitive: str = "auto") -> 
         )
     if is_fused(model):
         return model
+    if primitive not in ("auto", "linear", "conv"):  # before the deep copy
+        raise ConfigError(f"primitive must be 'auto', 'linear' or 'conv', got {primitive!r}")
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
+    workspace = model.workspace = Workspace()  # shared by every block: one block's buffers are free for the next
 
     stem = list(model.stem)
     if len(stem) == 2 and isinstance(stem[1], nn.BatchNorm2d):
@@ -311,7 +373,7 @@ def fuse(model: MetaNeXt, *, inplace: bool = False, primitive: str = "auto") -> 
                 _assign(conv, *_fold_input_affine(conv.weight.detach(), conv.bias, scale, shift))
             first = nn.Identity() if isinstance(norm, nn.BatchNorm2d) else _affine_free(norm)
             stage.downsample = nn.Sequential(first, conv)
-        stage.blocks = nn.Sequential(*(_fuse_block(b, primitive) for b in stage.blocks))
+        stage.blocks = nn.Sequential(*(_fuse_block(b, primitive, workspace) for b in stage.blocks))
         stage.grad_checkpointing = False
 
     if not model.features_only and not isinstance(model.head, nn.Identity):

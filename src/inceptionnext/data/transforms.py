@@ -2,28 +2,47 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from timm.data import create_transform
 
-if TYPE_CHECKING:  # the engine imports this module
-    from ..engine.config import TrainConfig
+from ..models.pretrained import resolve_data_config
 
-__all__ = ["build_transform", "eval_preprocessing"]
+__all__ = ["AugmentSettings", "build_transform", "eval_preprocessing"]
 
 
-def eval_preprocessing(cfg: TrainConfig, model_cfg: dict[str, Any]) -> dict[str, Any]:
+class AugmentSettings(Protocol):
+    """The run settings the transforms read (the training engine's config has them). A protocol, so that the data
+    layer does not depend on the engine that uses it."""
+
+    img_size: int
+    crop_pct: float | None
+    mean: Sequence[float] | None
+    std: Sequence[float] | None
+    scale: Sequence[float]
+    ratio: Sequence[float]
+    hflip: float
+    color_jitter: float | None
+    aa: str | None
+    train_interpolation: str
+    reprob: float
+
+
+def eval_preprocessing(cfg: AugmentSettings, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Eval resize/crop/normalisation: the run's config where set, else the model's pretrained config."""
-    return dict(
-        input_size=(3, cfg.img_size, cfg.img_size),
-        crop_pct=cfg.crop_pct if cfg.crop_pct is not None else model_cfg["crop_pct"],
-        interpolation=model_cfg["interpolation"],
-        mean=tuple(cfg.mean or model_cfg["mean"]),
-        std=tuple(cfg.std or model_cfg["std"]),
+    return resolve_data_config(
+        model_cfg,
+        dict(
+            input_size=(3, cfg.img_size, cfg.img_size),
+            crop_pct=cfg.crop_pct,
+            mean=cfg.mean or None,  # an empty list means unset, as None does
+            std=cfg.std or None,
+        ),
     )
 
 
-def build_transform(cfg: TrainConfig, model_cfg: dict[str, Any], is_training: bool):
+def build_transform(cfg: AugmentSettings, model_cfg: Mapping[str, Any], is_training: bool):
     pre = eval_preprocessing(cfg, model_cfg)
     if not is_training:
         return create_transform(**pre, is_training=False)

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import os
 import subprocess
-import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,13 +15,41 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TrainConfig", "list_recipes", "load_recipe", "resolve_config", "add_config_arguments", "git_revision"]
+from ..errors import ConfigError
+
+__all__ = [
+    "AMP_MODES",
+    "SCHEDULES",
+    "TrainConfig",
+    "add_config_arguments",
+    "check_choice",
+    "check_positive",
+    "config_field",
+    "dry_run_text",
+    "git_revision",
+    "list_recipes",
+    "load_recipe",
+    "overrides_from_args",
+    "resolve_config",
+]
+
+#: mixed precision: auto = bf16 on CUDA when supported (else fp16); the CPU always runs fp32
+AMP_MODES = ("auto", "bf16", "fp16", "fp32")
+#: learning-rate schedules: cosine with linear warm-up, or none (constant)
+SCHEDULES = ("cosine", "none")
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - argparse vocabulary
+def config_field(default: Any, help: str, *, choices: Sequence[str] | None = None, cli: bool = True) -> Any:  # noqa: A002
+    """A config dataclass field with its flag's help; ``choices`` become the flag's choices and head its help, and
+    the same tuple is what :func:`check_choice` validates against, so the allowed values are written once.
+    ``cli=False`` keeps the field out of the flags (recipe-only)."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None, "cli": cli}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_f = config_field
 
 
 @dataclass
@@ -49,7 +77,7 @@ class TrainConfig:
     min_lr: float = _f(1e-6, "cosine floor")
     warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up")
     warmup_epochs: float = _f(20, "linear warm-up length in epochs")
-    sched: str = _f("cosine", "cosine | none (constant)")
+    sched: str = _f("cosine", "learning-rate schedule (none: constant)", choices=SCHEDULES)
     opt: str = _f("adamw", "optimizer (timm name)")
     opt_eps: float = _f(1e-8, "Adam epsilon")
     opt_betas: list = _f([0.9, 0.999], "Adam betas")
@@ -74,7 +102,7 @@ class TrainConfig:
     model_ema: bool = _f(False, "keep an EMA of the weights, evaluated alongside the raw model")
     model_ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
     # runtime
-    amp: str = _f("auto", "auto | bf16 | fp16 | fp32 (auto: bf16 on CUDA when supported; CPU runs fp32)")
+    amp: str = _f("auto", "mixed precision (auto: bf16 on CUDA when supported; CPU runs fp32)", choices=AMP_MODES)
     channels_last: bool = _f(False, "train in channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
@@ -109,12 +137,15 @@ def list_recipes(package: str = _PACKAGE) -> list[str]:
 
 
 def _read_yaml(text: str, source: str, cls: type) -> dict[str, Any]:
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: a recipe is a mapping of config keys, got {type(data).__name__}")
+        raise ConfigError(f"{source}: a recipe is a mapping of config keys, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_fields(cls)))
     if unknown:
-        raise ValueError(f"{source}: unknown config keys {unknown}; valid keys are the fields of {cls.__name__}")
+        raise ConfigError(f"{source}: unknown config keys {unknown}; valid keys are the fields of {cls.__name__}")
     return data
 
 
@@ -123,10 +154,10 @@ def load_recipe(name_or_path: str, cls: type = TrainConfig, package: str = _PACK
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}")
         return _read_yaml(path.read_text(), str(path), cls)
     if name_or_path not in list_recipes(package):
-        raise ValueError(f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes(package))}")
+        raise ConfigError(f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes(package))}")
     text = resources.files(package).joinpath(f"{name_or_path}.yaml").read_text()
     return {"recipe": name_or_path, **_read_yaml(text, f"recipe {name_or_path}", cls)}
 
@@ -135,22 +166,33 @@ def resolve_config(recipe: str | None = None, overrides: dict[str, Any] | None =
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in (overrides or {}).items()})
     cfg = TrainConfig(**values)
-    _validate(cfg)
+    check_choice(cfg, "sched", "amp")
+    check_positive(cfg, "epochs", "batch_size", "grad_accum_steps", "lr_base_batch", "img_size")
     return cfg
 
 
-def _validate(cfg: TrainConfig) -> None:
-    if cfg.sched not in ("cosine", "none"):
-        raise ValueError(f"sched must be 'cosine' or 'none', got {cfg.sched!r}")
-    if cfg.amp not in ("auto", "bf16", "fp16", "fp32"):
-        raise ValueError(f"amp must be auto, bf16, fp16 or fp32, got {cfg.amp!r}")
-    for name in ("epochs", "batch_size", "grad_accum_steps", "lr_base_batch", "img_size"):
+def _one_of(choices: Sequence[str]) -> str:
+    return ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+
+
+def check_choice(cfg: Any, *names: str) -> None:
+    """Each named field holds one of the ``choices`` of its :func:`config_field`, else :class:`ConfigError`."""
+    fields = _fields(type(cfg))
+    for name in names:
+        choices = fields[name].metadata["choices"]
+        if getattr(cfg, name) not in choices:
+            raise ConfigError(f"{name} must be {_one_of(choices)}, got {getattr(cfg, name)!r}")
+
+
+def check_positive(cfg: Any, *names: str) -> None:
+    """Each named (integer) field is at least 1, else :class:`ConfigError`."""
+    for name in names:
         if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
 
 
-def _arg_type(annotation: Any):
-    hint = annotation if not isinstance(annotation, str) else eval(annotation, vars(typing) | {"types": types})  # noqa: S307
+def _arg_type(hint: Any):
+    """(base type, parser of a flag's text) for a resolved annotation such as ``float | None``."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     optional = type(None) in typing.get_args(hint)
@@ -169,19 +211,23 @@ def _number(text: str) -> int | float:
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = TrainConfig) -> None:
     """One flag per config field; unset flags are absent from the namespace so the recipe keeps its value."""
+    hints = typing.get_type_hints(cls)
     for name, f in _fields(cls).items():
         if not f.metadata.get("cli", True):
             continue
         flag = "--" + name.replace("_", "-")
-        base, parse = _arg_type(f.type)
+        base, parse = _arg_type(hints[name])
+        help_text, choices = f.metadata["help"], f.metadata.get("choices")
         if base is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=f.metadata["help"]
-            )
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         elif base is list:
-            parser.add_argument(flag, nargs="+", type=_number, default=argparse.SUPPRESS, help=f.metadata["help"])
+            parser.add_argument(flag, nargs="+", type=_number, default=argparse.SUPPRESS, help=help_text)
+        elif choices:
+            parser.add_argument(
+                flag, type=parse, choices=choices, default=argparse.SUPPRESS, help=f"{' | '.join(choices)}: {help_text}"
+            )
         else:
-            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=f.metadata["help"])
+            parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, help=help_text)
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type = TrainConfig) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..data import SeededTransform, build_dataset
+from ..data import DataError, SeededTransform, build_dataset
+from ..errors import ConfigError
 from ..inference import eval_transform, load_model
-from .distributed import cleanup_distributed, init_distributed
-from .trainer import ShardSampler, autocast_settings, evaluate
+from .classification import evaluate
+from .runtime import ShardSampler, autocast_settings, cleanup_distributed, init_distributed
 
 __all__ = ["validate"]
 
@@ -33,7 +34,7 @@ def validate(
     """Evaluate a checkpoint (this package's training checkpoints carry model, classes and preprocessing) or the
     released weights of ``model_name``. Writes ``results.json`` and ``results.csv`` to ``output`` when given."""
     if checkpoint is None and not pretrained:
-        raise ValueError("give a checkpoint (--checkpoint PATH) or --pretrained")
+        raise ConfigError("give a checkpoint (--checkpoint PATH) or --pretrained")
     loaded = load_model(model_name, checkpoint, pretrained=pretrained, use_ema=use_ema)
     model, pre = loaded.model, loaded.preprocessing
     if data is None and loaded.train_config is not None:
@@ -41,12 +42,12 @@ def validate(
     img_size = pre["input_size"][-1]
     dataset = build_dataset(data, "val", img_size)
     if loaded.train_config is not None and list(dataset.classes) != loaded.class_names:
-        raise ValueError(
+        raise DataError(
             f"the val set's classes {list(dataset.classes)[:5]}... differ from the checkpoint's "
             f"{loaded.class_names[:5]}..."
         )
     if model.num_classes != len(dataset.classes):
-        raise ValueError(f"{loaded.name} predicts {model.num_classes} classes, the val set has {len(dataset.classes)}")
+        raise DataError(f"{loaded.name} predicts {model.num_classes} classes, the val set has {len(dataset.classes)}")
     transform = eval_transform(pre)
     dist = init_distributed()
     try:

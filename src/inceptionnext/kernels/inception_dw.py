@@ -30,6 +30,11 @@ Backward
     fp32 partial per (image, pixel tile) row and (channel, tap) column, stage 2 (``_colsum_kernel``) sums the rows in
     fp32. No atomics, so gradients are bitwise reproducible. The partials are cast to the weights' dtype at the end.
 
+Host API
+    The kernels know nothing of the package's modules: :func:`supports` and :func:`inception_dwconv` take the input,
+    the channel split ``(identity, g, g, g)`` and the three ``nn.Conv2d`` (square, 1 x k_b, k_b x 1) in channel
+    order. :class:`inceptionnext.layers.TritonInceptionDWConv2d` is the module that calls them.
+
 Triton is imported guardedly: ``import inceptionnext.kernels`` works without it and ``supports()`` is then False.
 ``TRITON_INTERPRET=1`` must be set before this module is imported to run the kernels on CPU tensors (tests).
 """
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -250,11 +256,11 @@ def _same_conv(conv: torch.nn.Module, channels: int) -> bool:
     return all(k % 2 == 1 and p == d * (k - 1) // 2 for k, d, p in zip(conv.kernel_size, conv.dilation, conv.padding))
 
 
-def _config(module: torch.nn.Module) -> _Config:
-    hw, bw, bh = module.dwconv_hw, module.dwconv_w, module.dwconv_h
+def _config(split_sizes: Sequence[int], convs: Sequence[torch.nn.Conv2d]) -> _Config:
+    hw, bw, bh = convs
     return _Config(
-        c_id=module.split_sizes[0],
-        gc=module.branch_channels,
+        c_id=split_sizes[0],
+        gc=split_sizes[1],
         ks=tuple(hw.kernel_size),
         ds=tuple(hw.dilation),
         kb_w=bw.kernel_size[1],
@@ -264,23 +270,26 @@ def _config(module: torch.nn.Module) -> _Config:
     )
 
 
-def supports(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """True when the fused kernels can replace ``module(x)`` exactly; otherwise keep the PyTorch path."""
-    from inceptionnext.layers.mixers import InceptionDWConv2d
+def supports(x: torch.Tensor, split_sizes: Sequence[int], convs: Sequence[torch.nn.Module]) -> bool:
+    """True when :func:`inception_dwconv` computes ``cat(x_id, square(x_1), band_w(x_2), band_h(x_3))`` exactly.
 
-    if not triton_available() or not isinstance(module, InceptionDWConv2d):
+    Args:
+        x: the (B, C, H, W) input.
+        split_sizes: channels of the (identity, square, horizontal band, vertical band) groups, identity first;
+            the three conv groups must have the same width.
+        convs: the depthwise ``nn.Conv2d`` of the square (k_s x k_s), horizontal (1 x k_b) and vertical (k_b x 1)
+            groups, in that order: stride 1, zero "same" padding, odd kernels, with bias.
+    """
+    if not triton_available() or len(split_sizes) != 4 or len(convs) != 3:
         return False
-    if module.band_sequential or tuple(module.branches) != ("hw", "w", "h"):
+    gc = split_sizes[1]
+    if tuple(split_sizes[1:]) != (gc, gc, gc) or split_sizes[0] < 0 or gc < 1:
         return False
-    gc = module.branch_channels
-    if module.split_sizes[1:] != (gc, gc, gc) or sum(module.split_sizes) != module.channels:
-        return False
-    convs = (module.dwconv_hw, module.dwconv_w, module.dwconv_h)
     if not all(_same_conv(conv, gc) for conv in convs):
         return False
-    if module.dwconv_w.kernel_size[0] != 1 or module.dwconv_h.kernel_size[1] != 1:
+    if convs[1].kernel_size[0] != 1 or convs[2].kernel_size[1] != 1:
         return False
-    if x.dim() != 4 or x.shape[1] != module.channels or x.dtype not in _DTYPES or x.numel() == 0:
+    if x.dim() != 4 or x.shape[1] != sum(split_sizes) or x.dtype not in _DTYPES or x.numel() == 0:
         return False
     device_ok = x.device.type == "cuda" or (x.device.type == "cpu" and _interpret())
     params = [p for conv in convs for p in (conv.weight, conv.bias)]
@@ -291,13 +300,10 @@ def _next_pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-_FORCE_TILES: tuple[int, int] | None = None  # (BLOCK_P, BLOCK_C) override, for tests of the multi-tile paths
-
-
-def _tiles(x: torch.Tensor, cfg: _Config) -> tuple[int, int]:
-    """(BLOCK_P, BLOCK_C) for this layout."""
-    if _FORCE_TILES is not None:
-        return _FORCE_TILES
+def _tiles(x: torch.Tensor, cfg: _Config, tiles: tuple[int, int] | None) -> tuple[int, int]:
+    """(BLOCK_P, BLOCK_C) for this layout, unless ``tiles`` gives them."""
+    if tiles is not None:
+        return tiles
     hw = _next_pow2(x.shape[2] * x.shape[3])
     if _interpret():  # few, large programs: the interpreter's cost is per program and per op, not per element
         return min(1024, hw), min(64, _next_pow2(max(cfg.gc, min(cfg.c_id, 64))))
@@ -322,10 +328,12 @@ def _constexprs(cfg: _Config) -> dict[str, int]:
     )  # fmt: skip
 
 
-def _forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], cfg: _Config) -> torch.Tensor:
+def _forward(
+    x: torch.Tensor, weights: tuple[torch.Tensor, ...], cfg: _Config, tiles: tuple[int, int] | None
+) -> torch.Tensor:
     w_hw, b_hw, w_w, b_w, w_h, b_h = weights
     y = torch.empty_like(x)  # keeps the memory format (NCHW or channels_last)
-    block_p, block_c = _tiles(x, cfg)
+    block_p, block_c = _tiles(x, cfg, tiles)
     grid, n_blk_id, n_blk_br = _grid(x, cfg, block_p, block_c)
     _fwd_kernel[grid](
         x, y, w_hw, b_hw, w_w, b_w, w_h, b_h,
@@ -338,11 +346,17 @@ def _forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...], cfg: _Config) -
 
 
 def _backward(
-    dy: torch.Tensor, x: torch.Tensor, w_hw: torch.Tensor, w_w: torch.Tensor, w_h: torch.Tensor, cfg: _Config
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w_hw: torch.Tensor,
+    w_w: torch.Tensor,
+    w_h: torch.Tensor,
+    cfg: _Config,
+    tiles: tuple[int, int] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (dx, fp32 column sums [w_hw | w_w | w_h | b_hw | b_w | b_h])."""
     dx = torch.empty_like(x)
-    block_p, block_c = _tiles(x, cfg)
+    block_p, block_c = _tiles(x, cfg, tiles)
     grid, n_blk_id, n_blk_br = _grid(x, cfg, block_p, block_c)
     n_cols = cfg.gc * (cfg.ks[0] * cfg.ks[1] + cfg.kb_w + cfg.kb_h + 3)
     n_rows = grid[0] * grid[2]
@@ -374,35 +388,45 @@ class _InceptionDWFunction(torch.autograd.Function):
         w_h: torch.Tensor,
         b_h: torch.Tensor,
         cfg: _Config,
+        tiles: tuple[int, int] | None,
     ) -> torch.Tensor:
         weights = tuple(t.contiguous() for t in (w_hw, b_hw, w_w, b_w, w_h, b_h))
-        ctx.cfg = cfg
+        ctx.cfg, ctx.tiles = cfg, tiles
         ctx.param_meta = [(t.shape, t.dtype) for t in (w_hw, w_w, w_h, b_hw, b_w, b_h)]
         ctx.save_for_backward(x, weights[0], weights[2], weights[4])
-        return _forward(x, weights, cfg)
+        return _forward(x, weights, cfg, tiles)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: torch.autograd.function.FunctionCtx, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, w_hw, w_w, w_h = ctx.saved_tensors
-        dx, sums = _backward(dy, x, w_hw, w_w, w_h, ctx.cfg)
+        dx, sums = _backward(dy, x, w_hw, w_w, w_h, ctx.cfg, ctx.tiles)
         sizes = [torch.Size(shape).numel() for shape, _ in ctx.param_meta]
         g_w_hw, g_w_w, g_w_h, g_b_hw, g_b_w, g_b_h = (
             s.view(shape).to(dtype) for s, (shape, dtype) in zip(sums.split(sizes), ctx.param_meta)
         )
-        return dx, g_w_hw, g_b_hw, g_w_w, g_b_w, g_w_h, g_b_h, None
+        return dx, g_w_hw, g_b_hw, g_w_w, g_b_w, g_w_h, g_b_h, None, None
 
 
-def inception_dwconv(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
-    """Fused ``module(x)`` for an ``InceptionDWConv2d`` (check ``supports(module, x)`` first).
+def inception_dwconv(
+    x: torch.Tensor,
+    split_sizes: Sequence[int],
+    convs: Sequence[torch.nn.Conv2d],
+    *,
+    tiles: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """Fused ``cat(x_id, square(x_1), band_w(x_2), band_h(x_3))`` over the ``split_sizes`` groups of ``x``.
 
-    Differentiable: gradients land in ``module.dwconv_hw/w/h .weight/.bias`` and in ``x``. Under autocast an fp32
-    input is cast to the autocast dtype first (as the convolutions would be); weights are read in their own dtype
-    and everything accumulates in fp32.
+    Check :func:`supports` first (same arguments). Differentiable: gradients land in the convolutions' ``weight`` and
+    ``bias`` and in ``x``. Under autocast an fp32 input is cast to the autocast dtype first (as the convolutions would
+    be); weights are read in their own dtype and everything accumulates in fp32. ``tiles`` forces the
+    ``(BLOCK_P, BLOCK_C)`` tile shape (tests use it to split small images into several ragged tiles); by default it
+    follows the layout.
     """
-    if not supports(module, x):
-        raise ValueError("inception_dwconv: unsupported module/input; check supports(module, x) first")
+    if not supports(x, split_sizes, convs):
+        raise ValueError("inception_dwconv: unsupported input or convolutions; check supports(...) first")
     if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
         x = x.to(torch.get_autocast_dtype(x.device.type))
-    hw, bw, bh = module.dwconv_hw, module.dwconv_w, module.dwconv_h
-    return _InceptionDWFunction.apply(x, hw.weight, hw.bias, bw.weight, bw.bias, bh.weight, bh.bias, _config(module))
+    hw, bw, bh = convs
+    cfg = _config(split_sizes, convs)
+    return _InceptionDWFunction.apply(x, hw.weight, hw.bias, bw.weight, bw.bias, bh.weight, bh.bias, cfg, tiles)

@@ -31,6 +31,10 @@ class InceptionDWConv2d(nn.Module):
     Algorithm 1 lists identity last, but every released checkpoint (official repository and timm) was trained
     with identity first, and the order decides which channels each kernel sees, so we follow the checkpoints.
 
+    This is the reference: split, convolve, concatenate, on any device. The fused Triton kernel is a separate module
+    with the same parameters and keys (:class:`~inceptionnext.layers.fused.TritonInceptionDWConv2d`), used only
+    when asked for.
+
     Table 8 ablations:
         use_square / use_band_w / use_band_h: drop a branch; its channels join the identity group.
         band_sequential: instead of two parallel band branches of g channels, one band group of 2g channels goes
@@ -99,25 +103,17 @@ class InceptionDWConv2d(nn.Module):
             return self.dwconv_h(x)
         return self.dwconv_h(self.dwconv_w(x))  # "band": sequential 1 x k then k x 1
 
-    #: Run the fused Triton kernel (:mod:`inceptionnext.kernels`) on CUDA tensors when it supports this
-    #: configuration; set to False on an instance or the class to force the split / convolve / concatenate path.
-    use_triton: bool = True
+    def forward_groups(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output's channel groups before concatenation: identity, then each convolved branch.
 
-    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``out``: optional preallocated (B, C, H, W) tensor for the concatenated result (PyTorch path only)."""
-        if (
-            out is None
-            and self.use_triton
-            and x.is_cuda
-            and not torch.compiler.is_compiling()
-            and not torch.jit.is_tracing()
-        ):
-            from ..kernels import inception_dwconv, supports
-
-            if supports(self, x):
-                return inception_dwconv(x, self)
+        Split out of :meth:`forward` so that subclasses can concatenate elsewhere (the fused inference model
+        concatenates into a reused buffer) without a second copy of the branch logic.
+        """
         x_id, *groups = torch.split(x, self.split_sizes, dim=1)
-        return torch.cat([x_id, *(self._branch(n, g) for n, g in zip(self.branches, groups))], dim=1, out=out)
+        return [x_id, *(self._branch(n, g) for n, g in zip(self.branches, groups))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.forward_groups(x), dim=1)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, split={self.split_sizes}, branches={self.branches}"

@@ -9,8 +9,9 @@ from typing import Any
 from torch import nn
 
 from ..checkpoint import load_checkpoint
+from ..layers.fused import set_triton_mixers
 from .metanext import MetaNeXt
-from .pretrained import fetch_pretrained
+from .pretrained import HUB_PREFIXES, HUB_SOURCES, PREPROCESSING_KEYS, fetch_pretrained, weights_file_for
 from .registry import UnknownModelError, get_entry, is_model, list_models
 
 __all__ = ["create_model", "create_any_model", "register_in_timm"]
@@ -27,6 +28,7 @@ def create_model(
     features_only: bool = False,
     out_indices: Sequence[int] | None = None,
     use_ema: bool = False,
+    fused_mixer: bool = False,
     **kwargs: Any,
 ) -> MetaNeXt:
     """Build a registered model.
@@ -37,6 +39,8 @@ def create_model(
         checkpoint_path: load this file instead (any layout :mod:`inceptionnext.checkpoint` accepts).
         features_only: return a backbone whose forward gives the stage maps of ``out_indices``.
         use_ema: with ``checkpoint_path``, take the EMA weights of a training checkpoint.
+        fused_mixer: run the Inception mixers with the fused Triton kernel where it applies (CUDA; opt-in, see
+            :class:`~inceptionnext.layers.TritonInceptionDWConv2d`). Same parameters and checkpoint keys.
         **kwargs: override architecture arguments (``num_classes``, ``in_chans``, ``drop_path_rate``, ...).
             Weights keep loading with another ``num_classes`` (the classifier is re-initialised, with a warning).
     """
@@ -46,6 +50,8 @@ def create_model(
     model = MetaNeXt(**{**entry.arch_kwargs(), **kwargs})
     model.pretrained_cfg = entry.cfg.to_dict() | {"architecture": name}
     model.default_cfg = model.pretrained_cfg
+    if fused_mixer:
+        set_triton_mixers(model)
     if features_only:
         model.as_features(out_indices)
     if checkpoint_path is not None:
@@ -64,7 +70,7 @@ def create_any_model(
         return create_model(name, pretrained=pretrained, checkpoint_path=checkpoint_path, **kwargs)
     import timm
 
-    if not (timm.is_model(name.split(".")[0]) or name.startswith(("hf-hub:", "local-dir:"))):  # arch[.tag]
+    if not (timm.is_model(name.split(".")[0]) or name.startswith(HUB_PREFIXES)):  # arch[.tag]
         try:
             get_entry(name)
         except UnknownModelError as e:
@@ -75,21 +81,20 @@ def create_any_model(
     return model
 
 
-_PREPROCESSING = ("input_size", "crop_pct", "interpolation", "mean", "std", "label_names")
+# what an exported folder's config adds to the model's own pretrained cfg
+_FOLDER_CFG_KEYS = (*PREPROCESSING_KEYS, "label_names")
 
 
 def _timm_entrypoint(name: str):
     def entrypoint(pretrained: bool = False, pretrained_cfg: Any = None, **kwargs: Any) -> MetaNeXt:
         cfg = pretrained_cfg.to_dict() if hasattr(pretrained_cfg, "to_dict") else pretrained_cfg
         kwargs.pop("pretrained_model_args", None)
-        if pretrained and isinstance(cfg, dict) and cfg.get("source") in ("local-dir", "hf-hub"):
+        if pretrained and isinstance(cfg, dict) and cfg.get("source") in HUB_SOURCES:
             # a folder exported by `inceptionnext hub export`: its weights, preprocessing and labels
-            from ..tools.hub import weights_file_for
-
             if cfg.get("num_classes") is not None:
                 kwargs.setdefault("num_classes", cfg["num_classes"])
             model = create_model(name, checkpoint_path=weights_file_for(cfg), **kwargs)
-            model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in _PREPROCESSING if k in cfg}}
+            model.pretrained_cfg = {**model.pretrained_cfg, **{k: cfg[k] for k in _FOLDER_CFG_KEYS if k in cfg}}
             model.default_cfg = model.pretrained_cfg
             return model
         return create_model(name, pretrained=pretrained, **kwargs)

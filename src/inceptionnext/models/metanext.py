@@ -16,11 +16,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d, trunc_normal_
 from timm.models._features import FeatureInfo, feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from ..errors import ConfigError
+from ..layers.mlp import ConvMlp, LinearMlp
+from ..layers.swap import replace_modules, share_as
 
 __all__ = ["MetaNeXt", "MetaNeXtBlock", "MetaNeXtStage", "ConvMlp", "MlpHead", "NormLinearHead", "make_norm"]
 
@@ -33,32 +36,7 @@ def make_norm(kind: str, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
     if kind == "layernorm":
         return LayerNorm2d(channels, eps=1e-6)
-    raise ValueError(f"unknown norm {kind!r}: use 'batchnorm' or 'layernorm'")
-
-
-class ConvMlp(nn.Module):
-    """Channel MLP of Eq. 3 with 1x1 convolutions (``fc1``/``fc2`` keys and 4-D weights of the checkpoints).
-
-    ``primitive`` chooses how the two 1x1 convolutions run on a channels-last map: ``"conv"`` (oneDNN/cuDNN 1x1
-    convolution) or ``"linear"`` (``F.linear`` over the NHWC view, the same weights viewed as 2-D). Maps in the default
-    NCHW layout always use the convolution, which reads them without permutes. The parameters and checkpoint keys
-    are the same either way; ``docs/speed.md`` has the measurements behind the default.
-    """
-
-    primitive: str = "conv"
-
-    def __init__(self, dim: int, hidden: int, act_layer: type[nn.Module] = nn.GELU) -> None:
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, kernel_size=1)
-        self.act = act_layer()
-        self.fc2 = nn.Conv2d(hidden, dim, kernel_size=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.primitive == "linear" and x.ndim == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            rows = x.permute(0, 2, 3, 1)  # NHWC view, no copy
-            h = self.act(F.linear(rows, self.fc1.weight.flatten(1), self.fc1.bias))
-            return F.linear(h, self.fc2.weight.flatten(1), self.fc2.bias).permute(0, 3, 1, 2)
-        return self.fc2(self.act(self.fc1(x)))
+    raise ConfigError(f"unknown norm {kind!r}: use 'batchnorm' or 'layernorm'")
 
 
 class MlpHead(nn.Module):
@@ -190,6 +168,10 @@ class MetaNeXt(nn.Module):
         ls_init_value: LayerScale init (1e-6 in the paper); ``None`` disables LayerScale.
     """
 
+    #: :func:`inceptionnext.checkpoint.load_state_dict_checked` renames original-ConvNeXt and timm-ConvNeXt keys for
+    #: this model (every layout of the checkpoint module's docstring maps onto it)
+    accepts_foreign_layouts = True
+
     def __init__(
         self,
         *,
@@ -211,7 +193,7 @@ class MetaNeXt(nn.Module):
         super().__init__()
         n = len(depths)
         if len(dims) != n:
-            raise ValueError(f"depths {tuple(depths)} and dims {tuple(dims)} must have the same length")
+            raise ConfigError(f"depths {tuple(depths)} and dims {tuple(dims)} must have the same length")
         mixers = list(token_mixers) if isinstance(token_mixers, Sequence) else [token_mixers] * n
         ratios = list(mlp_ratios) if isinstance(mlp_ratios, Sequence) else [mlp_ratios] * n
         self.in_chans = in_chans
@@ -255,7 +237,7 @@ class MetaNeXt(nn.Module):
         elif head == "norm_linear":
             self.head = NormLinearHead(prev, num_classes, drop_rate)
         else:
-            raise ValueError(f"unknown head {head!r}: use 'mlp' or 'norm_linear'")
+            raise ConfigError(f"unknown head {head!r}: use 'mlp' or 'norm_linear'")
         self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
 
@@ -287,12 +269,17 @@ class MetaNeXt(nn.Module):
             stage.grad_checkpointing = enable
 
     def set_mlp_primitive(self, primitive: str) -> MetaNeXt:
-        """How the block MLPs run on channels-last maps: ``"conv"`` or ``"linear"`` (see :class:`ConvMlp`)."""
-        if primitive not in ("conv", "linear"):
-            raise ValueError(f"primitive must be 'conv' or 'linear', got {primitive!r}")
-        for m in self.modules():
-            if isinstance(m, ConvMlp):
-                m.primitive = primitive
+        """How the block MLPs run on channels-last maps: ``"conv"`` (:class:`~inceptionnext.layers.ConvMlp`, the
+        default) or ``"linear"`` (:class:`~inceptionnext.layers.LinearMlp`).
+
+        Swaps the MLP modules in place, sharing their parameters: the state dict and the parameters an optimizer
+        holds are unchanged. ``docs/speed.md`` has the measurements behind the default.
+        """
+        kinds = {"conv": ConvMlp, "linear": LinearMlp}
+        if primitive not in kinds:
+            raise ConfigError(f"primitive must be 'conv' or 'linear', got {primitive!r}")
+        cls = kinds[primitive]
+        replace_modules(self, lambda m: share_as(cls, m) if type(m) in (ConvMlp, LinearMlp) else None)
         return self
 
     @torch.jit.ignore
@@ -308,21 +295,21 @@ class MetaNeXt(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool not in (None, "avg"):
-            raise ValueError(f"only average pooling is supported, got global_pool={global_pool!r}")
+            raise ConfigError(f"only average pooling is supported, got global_pool={global_pool!r}")
         self.num_classes = num_classes
         self.head.reset(num_classes)
         self.get_classifier().apply(self._init_weights)
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
-            raise ValueError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+            raise ConfigError(f"expected a batch of images (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
         if x.shape[1] != self.in_chans:
-            raise ValueError(
+            raise ConfigError(
                 f"expected {self.in_chans} input channels, got {x.shape[1]} (input shape {tuple(x.shape)}); "
                 f"build the model with in_chans={x.shape[1]} or convert the images"
             )
         if x.shape[-2] < self.total_stride or x.shape[-1] < self.total_stride:
-            raise ValueError(
+            raise ConfigError(
                 f"input {x.shape[-2]}x{x.shape[-1]} is smaller than the network's total stride {self.total_stride}; "
                 f"use images of at least {self.total_stride}x{self.total_stride}"
             )
@@ -345,7 +332,7 @@ class MetaNeXt(nn.Module):
     ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage outputs (strides 4/8/16/32 for the 4-stage layout), timm's ``forward_intermediates`` contract."""
         if output_fmt != "NCHW":
-            raise ValueError(f"only NCHW intermediates are supported, got {output_fmt!r}")
+            raise ConfigError(f"only NCHW intermediates are supported, got {output_fmt!r}")
         self._check_input(x)
         take, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[: max_index + 1] if stop_early else self.stages

@@ -1,10 +1,16 @@
-"""Pretrained weights and the paper's figures as typed data, and the download of released weights."""
+"""Pretrained weights, their eval preprocessing and the paper's figures as typed data; finding and downloading weights.
+
+This is the one place that says what eval preprocessing is (:data:`PREPROCESSING_KEYS`), what its defaults are (the
+field defaults of :class:`PretrainedCfg`) and how a model's settings are resolved (:func:`resolve_data_config`): the
+data transforms, model loading, export metadata, ONNX serving and the Hub export all go through it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +19,28 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..errors import UserError
 
-__all__ = ["PretrainedCfg", "PaperFigures", "PretrainedWeightsUnavailable", "fetch_pretrained", "sha256_file"]
+__all__ = [
+    "HUB_PREFIXES",
+    "HUB_SOURCES",
+    "HUB_WEIGHTS",
+    "PREPROCESSING_KEYS",
+    "PaperFigures",
+    "PretrainedCfg",
+    "PretrainedWeightsUnavailable",
+    "fetch_pretrained",
+    "resolve_data_config",
+    "sha256_file",
+    "weights_file_for",
+]
+
+# The eval preprocessing of a classifier, in timm's ``pretrained_cfg`` names (what ``timm.data.create_transform``
+# takes for eval); defaults are the field defaults of PretrainedCfg below.
+PREPROCESSING_KEYS = ("input_size", "crop_pct", "interpolation", "mean", "std")
+# A folder in timm's Hugging Face layout (``inceptionnext hub export``): its weights file, and timm's two sources
+# for it, ``hf-hub:OWNER/REPO`` and ``local-dir:/path`` (model names with these prefixes).
+HUB_WEIGHTS = "model.safetensors"
+HUB_SOURCES = ("hf-hub", "local-dir")
+HUB_PREFIXES = tuple(f"{source}:" for source in HUB_SOURCES)
 
 
 @dataclass(frozen=True)
@@ -27,7 +54,7 @@ class PretrainedCfg:
 
     url: str | None = None
     hf_hub_id: str | None = None
-    hf_filename: str = "model.safetensors"
+    hf_filename: str = HUB_WEIGHTS
     sha256: str | None = None
     num_classes: int = 1000
     input_size: tuple[int, int, int] = (3, 224, 224)
@@ -45,9 +72,47 @@ class PretrainedCfg:
         return asdict(self)
 
 
-@dataclass(frozen=True)
+_DEFAULT_PREPROCESSING: dict[str, Any] = {
+    f.name: f.default for f in fields(PretrainedCfg) if f.name in PREPROCESSING_KEYS
+}
+
+
+def resolve_data_config(source: Any = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The eval preprocessing (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``) of a model.
+
+    Each key comes from ``overrides`` where set (not ``None``), else from ``source``, else from the defaults of
+    :class:`PretrainedCfg` (timm's defaults: 224 px, crop 0.875, bicubic, ImageNet mean/std). ``source`` is a
+    model (its ``pretrained_cfg``, timm's models included), a :class:`PretrainedCfg`, a mapping (a pretrained cfg, a
+    checkpoint's ``eval_preprocessing``, export metadata) or ``None``. Sizes and statistics come back as tuples.
+    For a model with a pretrained cfg this equals ``timm.data.resolve_model_data_config`` (less ``crop_mode``).
+    """
+    if source is None:
+        cfg: Mapping[str, Any] = {}
+    elif isinstance(source, PretrainedCfg):
+        cfg = source.to_dict()
+    elif isinstance(source, Mapping):
+        cfg = source
+    else:
+        cfg = getattr(source, "pretrained_cfg", None) or getattr(source, "default_cfg", None) or {}
+        cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else cfg
+    overrides = overrides or {}
+    out: dict[str, Any] = {}
+    for key in PREPROCESSING_KEYS:
+        value = overrides.get(key)
+        if value is None:
+            value = cfg.get(key)
+        if value is None:
+            value = _DEFAULT_PREPROCESSING[key]
+        out[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class PaperFigures:
-    """Figures printed in the paper for a variant, kept as printed (strings keep their precision)."""
+    """Figures printed in the paper for a variant, kept as printed (strings keep their precision).
+
+    Keyword-only: six numbers in a row would not say which is the parameter count and which the MACs.
+    """
 
     table: str
     params_m: str
@@ -84,6 +149,23 @@ def _verified(path: Path, sha256: str | None) -> Path:
             f"{path} does not match the published sha256 {sha256}; delete it and download it again"
         )
     return path
+
+
+def weights_file_for(pretrained_cfg: Mapping[str, Any]) -> Path | None:
+    """The weights file of a folder exported in timm's layout, from timm's ``local-dir:`` / ``hf-hub:`` pretrained
+    config (downloaded if needed); ``None`` for other sources."""
+    source = pretrained_cfg.get("source")
+    if source == "local-dir":
+        folder = Path(pretrained_cfg["file"])
+        for name in (HUB_WEIGHTS, "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+            if (folder / name).is_file():
+                return folder / name
+        raise PretrainedWeightsUnavailable(f"{folder} has no {HUB_WEIGHTS} (nor pytorch_model.bin)")
+    if source == "hf-hub":
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(pretrained_cfg["hf_hub_id"], HUB_WEIGHTS))
+    return None
 
 
 def fetch_pretrained(name: str, cfg: PretrainedCfg) -> Path:

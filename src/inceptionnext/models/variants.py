@@ -37,7 +37,15 @@ _B = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024))
 
 @register_model(
     cfg=_inception_cfg("inceptionnext_atto", "inception_next_atto.sail_in1k", recipe="Table 9, column A"),
-    paper=PaperFigures("Table 4", "4.2", "0.51", 75.3, 2661, 9876, A100),
+    paper=PaperFigures(
+        table="Table 4",
+        params_m="4.2",
+        macs_g="0.51",
+        top1=75.3,
+        train_throughput=2661,
+        infer_throughput=9876,
+        throughput_device=A100,
+    ),
     tags=("table3", "table4"),
 )
 def inceptionnext_atto() -> dict[str, Any]:
@@ -47,7 +55,15 @@ def inceptionnext_atto() -> dict[str, Any]:
 
 @register_model(
     cfg=_inception_cfg("inceptionnext_tiny", "inception_next_tiny.sail_in1k", recipe="Table 9, column T"),
-    paper=PaperFigures("Table 3", "28.1", "4.2", 82.3, 901, 2900, A100),
+    paper=PaperFigures(
+        table="Table 3",
+        params_m="28.1",
+        macs_g="4.2",
+        top1=82.3,
+        train_throughput=901,
+        infer_throughput=2900,
+        throughput_device=A100,
+    ),
     tags=("table3", "table4", "table8"),
 )
 def inceptionnext_tiny() -> dict[str, Any]:
@@ -57,7 +73,15 @@ def inceptionnext_tiny() -> dict[str, Any]:
 
 @register_model(
     cfg=_inception_cfg("inceptionnext_small", "inception_next_small.sail_in1k", recipe="Table 9, column S"),
-    paper=PaperFigures("Table 3", "49.4", "8.4", 83.5, 521, 1750, A100),
+    paper=PaperFigures(
+        table="Table 3",
+        params_m="49.4",
+        macs_g="8.4",
+        top1=83.5,
+        train_throughput=521,
+        infer_throughput=1750,
+        throughput_device=A100,
+    ),
     tags=("table3", "table4"),
 )
 def inceptionnext_small() -> dict[str, Any]:
@@ -69,7 +93,15 @@ def inceptionnext_small() -> dict[str, Any]:
     cfg=_inception_cfg(
         "inceptionnext_base", "inception_next_base.sail_in1k", crop_pct=0.95, recipe="Table 9, column B"
     ),
-    paper=PaperFigures("Table 3", "86.7", "14.9", 84.0, 375, 1244, A100),
+    paper=PaperFigures(
+        table="Table 3",
+        params_m="86.7",
+        macs_g="14.9",
+        top1=84.0,
+        train_throughput=375,
+        infer_throughput=1244,
+        throughput_device=A100,
+    ),
     tags=("table3", "table4"),
 )
 def inceptionnext_base() -> dict[str, Any]:
@@ -85,7 +117,15 @@ def inceptionnext_base() -> dict[str, Any]:
         crop_pct=1.0,
         recipe="Table 9, fine-tune column",
     ),
-    paper=PaperFigures("Table 4", "87", "43.6", 85.2, 139, 428, A100),
+    paper=PaperFigures(
+        table="Table 4",
+        params_m="87",
+        macs_g="43.6",
+        top1=85.2,
+        train_throughput=139,
+        infer_throughput=428,
+        throughput_device=A100,
+    ),
     tags=("table4",),
 )
 def inceptionnext_base_384() -> dict[str, Any]:
@@ -107,10 +147,18 @@ def _convnext_tiny(kernel_size: int, conv_ratio: float = 1.0) -> dict[str, Any]:
     )
 
 
-def _table1(file: str, params: str, macs: str, top1: float, train: int, infer: int, **kw: Any) -> dict[str, Any]:
+def _table1(url: str, *, params_m: str, macs_g: str, top1: float, train: int, infer: int, **cfg: Any) -> dict[str, Any]:
     return dict(
-        cfg=PretrainedCfg(url=file, recipe="ConvNeXt-T recipe (Table 1)", **kw),
-        paper=PaperFigures("Table 1", params, macs, top1, train, infer, A100),
+        cfg=PretrainedCfg(url=url, recipe="ConvNeXt-T recipe (Table 1)", **cfg),
+        paper=PaperFigures(
+            table="Table 1",
+            params_m=params_m,
+            macs_g=macs_g,
+            top1=top1,
+            train_throughput=train,
+            infer_throughput=infer,
+            throughput_device=A100,
+        ),
         tags=("table1",),
     )
 
@@ -118,11 +166,11 @@ def _table1(file: str, params: str, macs: str, top1: float, train: int, infer: i
 @register_model(
     **_table1(
         "https://dl.fbaipublicfiles.com/convnext/convnext_tiny_1k_224_ema.pth",
-        "28.6",
-        "4.5",
-        82.1,
-        575,
-        2413,
+        params_m="28.6",
+        macs_g="4.5",
+        top1=82.1,
+        train=575,
+        infer=2413,
         hf_hub_id="timm/convnext_tiny.fb_in1k",
     )  # fmt: skip
 )
@@ -131,43 +179,96 @@ def convnext_tiny_k7() -> dict[str, Any]:
     return _convnext_tiny(7)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k5_1k_224_ema.pth", "28.4", "4.4", 82.0, 675, 2704))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k5_1k_224_ema.pth", params_m="28.4", macs_g="4.4", top1=82.0, train=675, infer=2704
+    )
+)
 def convnext_tiny_k5() -> dict[str, Any]:
     """ConvNeXt-T with a 5x5 depthwise convolution."""
     return _convnext_tiny(5)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k3_1k_224_ema.pth", "28.3", "4.4", 81.5, 798, 2802))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k3_1k_224_ema.pth", params_m="28.3", macs_g="4.4", top1=81.5, train=798, infer=2802
+    )
+)
 def convnext_tiny_k3() -> dict[str, Any]:
     """ConvNeXt-T with a 3x3 depthwise convolution."""
     return _convnext_tiny(3)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k3_par1_2_1k_224_ema.pth", "28.3", "4.4", 81.4, 818, 2740))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k3_par1_2_1k_224_ema.pth",
+        params_m="28.3",
+        macs_g="4.4",
+        top1=81.4,
+        train=818,
+        infer=2740,
+    )
+)
 def convnext_tiny_k3_par1_2() -> dict[str, Any]:
     """ConvNeXt-T, 3x3 depthwise on 1/2 of the channels."""
     return _convnext_tiny(3, 1 / 2)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k3_par3_8_1k_224_ema.pth", "28.3", "4.4", 81.4, 847, 2762))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k3_par3_8_1k_224_ema.pth",
+        params_m="28.3",
+        macs_g="4.4",
+        top1=81.4,
+        train=847,
+        infer=2762,
+    )
+)
 def convnext_tiny_k3_par3_8() -> dict[str, Any]:
     """ConvNeXt-T, 3x3 depthwise on 3/8 of the channels."""
     return _convnext_tiny(3, 3 / 8)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k3_par1_4_1k_224_ema.pth", "28.3", "4.4", 81.3, 871, 2808))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k3_par1_4_1k_224_ema.pth",
+        params_m="28.3",
+        macs_g="4.4",
+        top1=81.3,
+        train=871,
+        infer=2808,
+    )
+)
 def convnext_tiny_k3_par1_4() -> dict[str, Any]:
     """ConvNeXt-T, 3x3 depthwise on 1/4 of the channels."""
     return _convnext_tiny(3, 1 / 4)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k3_par1_8_1k_224_ema.pth", "28.3", "4.4", 80.8, 901, 2833))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k3_par1_8_1k_224_ema.pth",
+        params_m="28.3",
+        macs_g="4.4",
+        top1=80.8,
+        train=901,
+        infer=2833,
+    )
+)
 def convnext_tiny_k3_par1_8() -> dict[str, Any]:
     """ConvNeXt-T, 3x3 depthwise on 1/8 of the channels."""
     return _convnext_tiny(3, 1 / 8)
 
 
-@register_model(**_table1(_RELEASE + "convnext_tiny_k3_par1_16_1k_224_ema.pth", "28.3", "4.4", 80.1, 916, 2846))
+@register_model(
+    **_table1(
+        _RELEASE + "convnext_tiny_k3_par1_16_1k_224_ema.pth",
+        params_m="28.3",
+        macs_g="4.4",
+        top1=80.1,
+        train=916,
+        infer=2846,
+    )
+)
 def convnext_tiny_k3_par1_16() -> dict[str, Any]:
     """ConvNeXt-T, 3x3 depthwise on 1/16 of the channels."""
     return _convnext_tiny(3, 1 / 16)
@@ -187,11 +288,22 @@ def _isotropic(depth: int, mixer: Any, norm: str, ls_init_value: float | None = 
     )  # fmt: skip
 
 
-def _table5(params: str, macs: str, top1: float, train: int, infer: int) -> dict[str, Any]:
-    return dict(paper=PaperFigures("Table 5", params, macs, top1, train, infer, RTX2080TI), tags=("table5",))
+def _table5(*, params_m: str, macs_g: str, top1: float, train: int, infer: int) -> dict[str, Any]:
+    return dict(
+        paper=PaperFigures(
+            table="Table 5",
+            params_m=params_m,
+            macs_g=macs_g,
+            top1=top1,
+            train_throughput=train,
+            infer_throughput=infer,
+            throughput_device=RTX2080TI,
+        ),
+        tags=("table5",),
+    )
 
 
-@register_model(**_table5("22", "4.2", 79.7, 310, 998))
+@register_model(**_table5(params_m="22", macs_g="4.2", top1=79.7, train=310, infer=998))
 def inceptionnext_small_iso() -> dict[str, Any]:
     """Isotropic InceptionNeXt-S: 18 InceptionNeXt blocks (BatchNorm) at dim 384."""
     return _isotropic(18, InceptionDWConv2d, "batchnorm")
@@ -201,14 +313,14 @@ def inceptionnext_small_iso() -> dict[str, Any]:
     cfg=PretrainedCfg(
         url="https://dl.fbaipublicfiles.com/convnext/convnext_iso_small_1k_224_ema.pth", recipe="ConvNeXt paper"
     ),
-    **_table5("22", "4.3", 79.7, 270, 879),
+    **_table5(params_m="22", macs_g="4.3", top1=79.7, train=270, infer=879),
 )
 def convnext_small_iso() -> dict[str, Any]:
     """Isotropic ConvNeXt-S: 18 ConvNeXt blocks (7x7 depthwise, LayerNorm, no LayerScale) at dim 384."""
     return _isotropic(18, partial(PartialDWConv2d, kernel_size=7), "layernorm", ls_init_value=None)
 
 
-@register_model(**_table5("22", "4.6", 3.9, 288, 816))
+@register_model(**_table5(params_m="22", macs_g="4.6", top1=3.9, train=288, infer=816))
 def metanext_attn_small_iso() -> dict[str, Any]:
     """MetaNeXt-Attn: DeiT-S's 12 x 384 (6 heads) with self-attention as the MetaNeXt token mixer."""
     return _isotropic(12, partial(SelfAttention2d, num_heads=6), "layernorm")
@@ -218,65 +330,77 @@ def metanext_attn_small_iso() -> dict[str, Any]:
 # Ablations of InceptionNeXt-T, one named variant per row.
 
 
-def _table8(params: str, top1: float, train: int, infer: int) -> dict[str, Any]:
-    return dict(paper=PaperFigures("Table 8", params, "4.2", top1, train, infer, A100), tags=("table8",))
+def _table8(*, params_m: str, top1: float, train: int, infer: int) -> dict[str, Any]:
+    """Every row of Table 8 prints 4.2 GMACs."""
+    return dict(
+        paper=PaperFigures(
+            table="Table 8",
+            params_m=params_m,
+            macs_g="4.2",
+            top1=top1,
+            train_throughput=train,
+            infer_throughput=infer,
+            throughput_device=A100,
+        ),
+        tags=("table8",),
+    )
 
 
-@register_model(**_table8("28.0", 81.9, 947, 3093))
+@register_model(**_table8(params_m="28.0", top1=81.9, train=947, infer=3093))
 def inceptionnext_tiny_no_horizontal() -> dict[str, Any]:
     """Table 8: horizontal band kernel (1 x k) removed."""
     return _inceptionnext(**_T, use_band_w=False)
 
 
-@register_model(**_table8("28.0", 81.9, 954, 3173))
+@register_model(**_table8(params_m="28.0", top1=81.9, train=954, infer=3173))
 def inceptionnext_tiny_no_vertical() -> dict[str, Any]:
     """Table 8: vertical band kernel (k x 1) removed."""
     return _inceptionnext(**_T, use_band_h=False)
 
 
-@register_model(**_table8("28.0", 82.0, 940, 3004))
+@register_model(**_table8(params_m="28.0", top1=82.0, train=940, infer=3004))
 def inceptionnext_tiny_no_square() -> dict[str, Any]:
     """Table 8: small square kernel (3 x 3) removed."""
     return _inceptionnext(**_T, use_square=False)
 
 
-@register_model(**_table8("28.1", 82.1, 903, 2971))
+@register_model(**_table8(params_m="28.1", top1=82.1, train=903, infer=2971))
 def inceptionnext_tiny_band_sequential() -> dict[str, Any]:
     """Table 8: horizontal and vertical band kernels in sequence instead of in parallel."""
     return _inceptionnext(**_T, band_sequential=True)
 
 
-@register_model(**_table8("28.0", 82.1, 905, 2946))
+@register_model(**_table8(params_m="28.0", top1=82.1, train=905, infer=2946))
 def inceptionnext_tiny_band7() -> dict[str, Any]:
     """Table 8: band kernel size 11 -> 7."""
     return _inceptionnext(**_T, band_kernel_size=7)
 
 
-@register_model(**_table8("28.1", 82.1, 904, 2916))
+@register_model(**_table8(params_m="28.1", top1=82.1, train=904, infer=2916))
 def inceptionnext_tiny_band9() -> dict[str, Any]:
     """Table 8: band kernel size 11 -> 9."""
     return _inceptionnext(**_T, band_kernel_size=9)
 
 
-@register_model(**_table8("28.1", 82.0, 896, 2895))
+@register_model(**_table8(params_m="28.1", top1=82.0, train=896, infer=2895))
 def inceptionnext_tiny_band13() -> dict[str, Any]:
     """Table 8: band kernel size 11 -> 13."""
     return _inceptionnext(**_T, band_kernel_size=13)
 
 
-@register_model(**_table8("28.1", 82.2, 834, 2499))
+@register_model(**_table8(params_m="28.1", top1=82.2, train=834, infer=2499))
 def inceptionnext_tiny_ratio1_4() -> dict[str, Any]:
     """Table 8: convolution branch ratio 1/8 -> 1/4."""
     return _inceptionnext(**_T, branch_ratio=1 / 4)
 
 
-@register_model(**_table8("28.0", 81.8, 936, 3097))
+@register_model(**_table8(params_m="28.0", top1=81.8, train=936, infer=3097))
 def inceptionnext_tiny_ratio1_16() -> dict[str, Any]:
     """Table 8: convolution branch ratio 1/8 -> 1/16."""
     return _inceptionnext(**_T, branch_ratio=1 / 16)
 
 
-@register_model(**_table8("28.1", 82.4, 721, 2646))
+@register_model(**_table8(params_m="28.1", top1=82.4, train=721, infer=2646))
 def inceptionnext_tiny_layernorm() -> dict[str, Any]:
     """Table 8: BatchNorm -> LayerNorm (stem, downsampling and blocks)."""
     return {**_inceptionnext(**_T), "norm": "layernorm"}

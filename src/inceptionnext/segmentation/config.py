@@ -6,11 +6,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.config import _f, load_recipe
+from ..engine.config import AMP_MODES, check_choice, check_positive, config_field, load_recipe
+from .segmentor import SEG_HEADS
 
-__all__ = ["SegConfig", "resolve_seg_config", "SEG_RECIPES"]
+__all__ = ["EVAL_MODES", "HEADS", "SEG_RECIPES", "SegConfig", "resolve_seg_config"]
 
 SEG_RECIPES = "inceptionnext.segmentation.recipes"
+#: decode heads: UperNet (Table 6) and Semantic FPN (Table 7), as the segmentor defines them
+HEADS = SEG_HEADS
+#: evaluation: the whole image at once, or sliding windows
+EVAL_MODES = ("whole", "slide")
+
+_f = config_field
 
 
 @dataclass
@@ -18,7 +25,7 @@ class SegConfig:
     """Every knob of a segmentation run. Field names are the YAML keys; ``--field-name`` the flags."""
 
     # model
-    head: str = _f("upernet", "upernet | fpn")
+    head: str = _f("upernet", "decode head", choices=HEADS)
     backbone: str = _f("inceptionnext_tiny", "backbone model name")
     pretrained: bool = _f(False, "initialise the backbone from the released ImageNet-1K weights")
     backbone_checkpoint: str | None = _f(None, "initialise the backbone from this classification checkpoint")
@@ -48,12 +55,12 @@ class SegConfig:
     min_lr: float = _f(0.0, "poly decay floor")
     # evaluation
     eval_interval: int = _f(16000, "steps between evaluations (and checkpoints)")
-    eval_mode: str = _f("whole", "whole | slide")
+    eval_mode: str = _f("whole", "whole image or sliding windows", choices=EVAL_MODES)
     slide_crop: list = _f([512, 512], "sliding-window size (h w)")
     slide_stride: list = _f([341, 341], "sliding-window stride (h w)")
     aug_test: bool = _f(False, "multi-scale (0.5-1.75) + flip evaluation")
     # runtime
-    amp: str = _f("auto", "auto | bf16 | fp16 | fp32 (CPU runs fp32)")
+    amp: str = _f("auto", "mixed precision (CPU runs fp32)", choices=AMP_MODES)
     seed: int = _f(0, "seed of everything")
     output: str = _f("output/segment", "directory for checkpoints, config, logs and plots")
     log_interval: int = _f(50, "steps between loss checks and progress updates")
@@ -76,11 +83,6 @@ def resolve_seg_config(recipe: str | None = None, overrides: dict[str, Any] | No
     if isinstance(values.get("stage_norm"), str) and values["stage_norm"].lower() in ("none", "null"):
         values["stage_norm"] = None
     cfg = SegConfig(**values)
-    if cfg.head not in ("upernet", "fpn"):
-        raise ValueError(f"head must be 'upernet' or 'fpn', got {cfg.head!r}")
-    if cfg.eval_mode not in ("whole", "slide"):
-        raise ValueError(f"eval_mode must be 'whole' or 'slide', got {cfg.eval_mode!r}")
-    for name in ("iterations", "batch_size", "eval_interval", "lr_base_batch"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    check_choice(cfg, "head", "eval_mode", "amp")
+    check_positive(cfg, "iterations", "batch_size", "eval_interval", "lr_base_batch")
     return cfg

@@ -643,7 +643,7 @@ def build_seg_dataset(
 ) -> ADE20KDataset | TextureMosaicDataset:
     """``data=None``: the embedded texture mosaics; otherwise ADE20K at ``data`` ("train" -> images/training,
     "val" -> images/validation)."""
-    if split not in ("train", "val", "training", "validation"):
+    if split not in ADE20KDataset.SPLITS:  # the names TextureMosaicDataset.SPLITS accepts too
         raise SegDataError(f"split must be 'train' or 'val', got {split!r}")
     if data is None:
         return TextureMosaicDataset(split, pipeline=pipeline, seed=seed)

@@ -1,48 +1,46 @@
-"""Segmentation training and evaluation, with the classification engine's conventions (torchrun, AMP, atomic
-checkpoints with exact resume, progress bars, CSV logs).
+"""Semantic segmentation on the engine core: the segmentor, the data, the loss and the step loop, nothing else.
 
-Training is counted in optimizer steps (iterations), as in the ADE20K recipes. Data order comes from a
-``DistributedSampler`` per pass over the training set and per-sample seeds from (seed, pass, index), so a run
-resumed from a checkpoint at step k continues with exactly the batches it would have seen.
+Training is counted in optimizer steps (iterations), as in the ADE20K recipes, with an evaluation (and a checkpoint)
+every ``eval_interval`` steps. Data order comes from a ``DistributedSampler`` per pass over the training set and
+per-sample seeds from (seed, pass, index), so a run resumed from a checkpoint at step k continues with exactly the
+batches it would have seen (:func:`~inceptionnext.engine.runtime.batches_from_step`). Checkpoints, resume, DDP/AMP,
+the NaN policy, metrics and curves come from :class:`~inceptionnext.engine.run.TrainingRun`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoint import load_state_dict_checked, read_checkpoint
-from ..engine.checkpointing import atomic_save, capture_rng, restore_rng
-from ..engine.config import git_revision
-from ..engine.distributed import all_reduce_mean, cleanup_distributed, init_distributed
-from ..engine.report import MetricsLog
-from ..engine.trainer import (
-    FAULT_ENV,
-    NonFiniteLossError,
-    RunBase,
-    ShardSampler,
-    _autocast,
-    autocast_settings,
-    build_optimizer,
-)
+from ..checkpoint import CheckpointError
+from ..engine.optim import build_optimizer
+from ..engine.run import TrainingRun, launch
+from ..engine.runtime import ShardSampler, autocast, batches_from_step
+from ..errors import ConfigError
 from .config import SegConfig
 from .data import IGNORE_INDEX, EvalPipeline, TrainPipeline, build_seg_dataset
 from .metrics import ConfusionMatrix
 from .segmentor import Segmentor, create_segmentor
 
-__all__ = ["train_segmentation", "evaluate_segmentation", "infer_logits", "build_segmentor", "poly_lr"]
+__all__ = [
+    "SegmentationRun",
+    "build_segmentor",
+    "evaluate_segmentation",
+    "infer_logits",
+    "poly_lr",
+    "seg_loss",
+    "train_segmentation",
+]
 
 
 def poly_lr(step: int, cfg: SegConfig, base_lr: float) -> float:
@@ -67,7 +65,7 @@ def build_segmentor(cfg: SegConfig, num_classes: int) -> Segmentor:
     )
 
 
-def _seg_loss(model: nn.Module, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+def seg_loss(model: nn.Module, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
     def ce(logits: torch.Tensor) -> torch.Tensor:
         logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
         return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX)
@@ -143,7 +141,7 @@ def evaluate_segmentation(
         size = tuple(mask.shape[-2:])
         scales = ratios if aug_test else (1.0,)
         probs = 0
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             for s in scales:
                 x = img if s == 1.0 else F.interpolate(img, scale_factor=s, mode="bilinear", align_corners=False)
                 for flip in (False, True) if aug_test else (False,):
@@ -155,13 +153,24 @@ def evaluate_segmentation(
     return cm.compute()
 
 
-class _SegRun(RunBase):
-    """State of one process of a segmentation training run."""
+class SegmentationRun(TrainingRun):
+    """One process of a segmentation training run, counted in optimizer steps."""
 
-    def setup(self) -> None:
+    task = "segmentation"
+    x_column = "step"
+    curves = (
+        ("train loss", (("train_loss", "train loss"),)),
+        ("%", (("mIoU", "mIoU"), ("mAcc", "mAcc"), ("aAcc", "aAcc"))),
+    )
+    best_key = "mIoU"
+    checkpoint_keys = ("class_names",)
+    nan_advice = "Lower the learning rate (--lr) or use --amp fp32/bf16 instead of fp16."
+
+    def initial_best(self) -> dict[str, Any]:
+        return {"mIoU": -1.0, "step": 0}
+
+    def build(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(cfg.seed)
         train_pipe = TrainPipeline(
             scale=tuple(cfg.scale),
             ratio_range=tuple(cfg.ratio_range),
@@ -175,73 +184,44 @@ class _SegRun(RunBase):
         model = build_segmentor(cfg, len(self.class_names)).to(dist.device)
         if dist.distributed and dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the ADE20K recipes train with SyncBN
-        self.model = model
         self.lr = cfg.scaled_lr(dist.world_size)
         self.optimizer = build_optimizer(model, self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
-        self.amp_dtype, use_scaler = autocast_settings(dist.device, cfg.amp)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-        self.ddp = model
-        if dist.distributed:
-            self.ddp = DistributedDataParallel(
-                model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None
-            )
+        self.wrap(model)
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
-        self.steps_per_pass = len(self.sampler) // cfg.batch_size
-        if self.steps_per_pass < 1:
-            raise ValueError(f"{len(self.train_set)} training images are fewer than one batch of {cfg.batch_size}")
-        self.step, self.best = 0, {"mIoU": -1.0, "step": 0}
-        self.metrics = MetricsLog(self.out, enabled=self.main)
+        if len(self.sampler) // cfg.batch_size < 1:
+            raise ConfigError(
+                f"{len(self.train_set)} training images give no batch of {cfg.batch_size} per process: "
+                "lower --batch-size"
+            )
 
-    def _loader(self, pass_index: int, skip_batches: int) -> DataLoader:
-        self.sampler.set_epoch(pass_index)
-        self.train_set.set_epoch(pass_index)
-        indices = list(self.sampler)[skip_batches * self.cfg.batch_size :]
-        # its own generator: creating the loader must not draw from the global RNG, or a run resumed mid-pass
-        # would see different drop-path masks than the uninterrupted one
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + pass_index)
-        return DataLoader(
-            self.train_set,
-            self.cfg.batch_size,
-            sampler=indices,
-            drop_last=True,
-            num_workers=self.cfg.workers,
-            pin_memory=self.dist.device.type == "cuda",
-            generator=generator,
-        )
+    def task_state(self) -> dict[str, Any]:
+        return {"class_names": self.class_names}
 
-    def state(self) -> dict[str, Any]:
+    def load_task_state(self, ckpt: Mapping[str, Any], source: str) -> None:
+        if list(ckpt["class_names"]) != self.class_names:
+            raise CheckpointError(
+                f"{source} was trained on the classes {list(ckpt['class_names'])[:5]}..., the data has "
+                f"{self.class_names[:5]}...: it cannot resume this run"
+            )
+
+    def config_extras(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "best": dict(self.best),
-            "rng": capture_rng(),
-            "config": self.cfg.to_dict(),
-            "class_names": self.class_names,
-            "git": git_revision(),
+            "effective_batch": self.cfg.effective_batch(self.dist.world_size),
+            "scaled_lr": self.lr,
+            "num_classes": len(self.class_names),
         }
 
-    def save(self, is_best: bool) -> None:
-        if self.main:
-            state = self.state()
-            atomic_save(state, self.out / "last.pth")
-            if is_best:
-                atomic_save(state, self.out / "best.pth")
+    def describe(self) -> str:
+        cfg = self.cfg
+        return (
+            f"{cfg.head} + {cfg.backbone}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+            f"{len(self.class_names)} classes; batch {cfg.effective_batch(self.dist.world_size)}, "
+            f"lr {cfg.lr:g} for batch {cfg.lr_base_batch} scaled to {self.lr:.3g}; {self.dist.device}"
+        )
 
-    def resume(self, path: Path) -> None:
-        ckpt = read_checkpoint(path)
-        load_state_dict_checked(self.model, ckpt["model"], source=str(path))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.best = ckpt["step"], ckpt["best"]
-        restore_rng(ckpt["rng"])
-        self.metrics.truncate_after(self.step, column="step")
-        self.log(f"resumed from {path} at step {self.step}")
-
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate_model(self) -> dict[str, Any]:
         cfg = self.cfg
         return evaluate_segmentation(
             self.model,
@@ -256,132 +236,71 @@ class _SegRun(RunBase):
         )
 
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
-        if (self.out / "last.pth").exists():
-            self.resume(self.out / "last.pth")
-        if self.main:
-            self.write_resolved_config()
-            self.log(
-                f"{cfg.head} + {cfg.backbone}: {len(self.train_set)} train / {len(self.val_set)} val images, "
-                f"{len(self.class_names)} classes; batch {cfg.effective_batch(self.dist.world_size)}, "
-                f"lr {cfg.lr:g} for batch {cfg.lr_base_batch} scaled to {self.lr:.3g}; {self.dist.device}"
-            )
-        bar = tqdm(
-            total=cfg.iterations, initial=self.step, desc="segment train", unit="step", disable=not self.progress
-        )
-        loss_sum = torch.zeros((), device=self.dist.device)
-        n_loss, t0, seen = 0, time.perf_counter(), 0
+        cfg, device = self.cfg, self.dist.device
+        bar = self.progress_bar(total=cfg.iterations, initial=self.step, desc="segment train", unit="step")
+        t0, seen = time.perf_counter(), 0
         last_eval: dict[str, Any] = {}
-        fault_step = int(os.environ.get(FAULT_ENV, "0"))
+        batches = batches_from_step(
+            self.step,
+            self.train_set,
+            self.sampler,
+            cfg.batch_size,
+            seed=cfg.seed,
+            workers=cfg.workers,
+            pin_memory=device.type == "cuda",
+        )
         while self.step < cfg.iterations:
-            pass_index, offset = divmod(self.step, self.steps_per_pass)
-            for img, mask in self._loader(pass_index, offset):
-                if self.step >= cfg.iterations:
-                    break
-                self.ddp.train()
-                for g in self.optimizer.param_groups:
-                    g["lr"] = poly_lr(self.step, cfg, self.lr)
-                img = img.to(self.dist.device, non_blocking=True)
-                mask = mask.to(self.dist.device, non_blocking=True)
-                with _autocast(self.dist.device, self.amp_dtype):
-                    loss = _seg_loss(self.model, self.ddp(img), mask)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                if fault_step and self.step == fault_step:
-                    os._exit(137)  # test hook: a hard kill mid-run, no clean-up
-                loss_sum += loss.detach().float()
-                n_loss += 1
-                seen += len(img) * self.dist.world_size
-                bar.update(1)
-                if self.step % cfg.log_interval == 0 or self.step % cfg.eval_interval == 0:
-                    mean = all_reduce_mean(loss_sum / max(n_loss, 1)).item()
-                    if not math.isfinite(mean):
-                        raise NonFiniteLossError(
-                            f"the loss became NaN/inf before step {self.step}; training stopped and the last good "
-                            f"checkpoint ({self.out / 'last.pth'}) was kept. Lower --lr or use --amp fp32/bf16."
-                        )
-                    bar.set_postfix(
-                        loss=f"{mean:.4f}",
-                        lr=f"{self.optimizer.param_groups[0]['lr']:.2e}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.1f}",
-                    )
-                if self.step % cfg.eval_interval == 0 or self.step == cfg.iterations:
-                    train_loss = all_reduce_mean(loss_sum / max(n_loss, 1)).item()
-                    res = self.evaluate()
-                    is_best = res["mIoU"] > self.best["mIoU"]
-                    if is_best:
-                        self.best = {"mIoU": res["mIoU"], "step": self.step}
-                    row = {
-                        "epoch": self.step // cfg.eval_interval + (self.step % cfg.eval_interval > 0),
-                        "step": self.step,
-                        "train_loss": train_loss,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "mIoU": res["mIoU"],
-                        "mAcc": res["mAcc"],
-                        "aAcc": res["aAcc"],
-                        "img_per_s": seen / (time.perf_counter() - t0),
-                    }
-                    self.metrics.append(row)
-                    self.save(is_best)
-                    self.log(
-                        f"step {self.step}/{cfg.iterations}: train loss {train_loss:.4f}, mIoU {res['mIoU']:.2f}, "
-                        f"mAcc {res['mAcc']:.2f}, aAcc {res['aAcc']:.2f}"
-                    )
-                    last_eval = res
-                    loss_sum.zero_()
-                    n_loss = 0
+            img, mask = next(batches)
+            self.ddp.train()
+            for g in self.optimizer.param_groups:
+                g["lr"] = poly_lr(self.step, cfg, self.lr)
+            img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            with self.autocast():
+                loss = seg_loss(self.model, self.ddp(img), mask)
+            self.backward(loss)
+            self.optimizer_step()
+            seen += len(img) * self.dist.world_size
+            bar.update(1)
+            if self.step % cfg.log_interval == 0 or self.step % cfg.eval_interval == 0:
+                self.check_finite()
+                bar.set_postfix(
+                    loss=f"{self.running_loss.mean():.4f}",
+                    lr=f"{self.current_lr():.2e}",
+                    img_s=f"{seen / (time.perf_counter() - t0):.1f}",
+                )
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.iterations:
+                train_loss = self.running_loss.mean()
+                res = self.evaluate_model()
+                row = {
+                    "step": self.step,
+                    "train_loss": train_loss,
+                    "lr": self.current_lr(),
+                    "mIoU": res["mIoU"],
+                    "mAcc": res["mAcc"],
+                    "aAcc": res["aAcc"],
+                    "img_per_s": seen / (time.perf_counter() - t0),
+                }
+                self.record(row)
+                self.log(
+                    f"step {self.step}/{cfg.iterations}: train loss {train_loss:.4f}, mIoU {res['mIoU']:.2f}, "
+                    f"mAcc {res['mAcc']:.2f}, aAcc {res['aAcc']:.2f}"
+                )
+                last_eval = res
+                self.running_loss.reset()
         bar.close()
-        self.metrics.close()
-        if self.main and (self.out / "metrics.csv").exists():
-            _plot(self.out / "metrics.csv", self.out / "curves.png")
-        summary = {
+        return {
             "best": self.best,
             "last": {k: v for k, v in last_eval.items() if k not in ("IoU", "Acc")},
             "per_class_IoU": dict(zip(self.class_names, last_eval.get("IoU", []))),
             "output": str(self.out),
         }
-        if self.main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
 
 
-def _plot(csv_path: Path, png: Path) -> None:
-    import csv
+def train_segmentation(cfg: SegConfig, *, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run a segmentation training as described by ``cfg``; under torchrun, call it in every process.
 
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
-    steps = [int(r["step"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5), dpi=120)
-    a.plot(steps, [float(r["train_loss"]) for r in rows])
-    a.set_xlabel("step")
-    a.set_ylabel("train loss")
-    a.grid(alpha=0.3)
-    for key in ("mIoU", "mAcc", "aAcc"):
-        b.plot(steps, [float(r[key]) for r in rows], label=key)
-    b.set_xlabel("step")
-    b.set_ylabel("%")
-    b.legend()
-    b.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png)
-    plt.close(fig)
-
-
-def train_segmentation(cfg: SegConfig) -> dict[str, Any]:
-    """Run (or resume) a segmentation training run; under torchrun call it in every process."""
-    dist = init_distributed()
-    try:
-        run = _SegRun(cfg, dist)
-        run.setup()
-        return run.fit()
-    finally:
-        cleanup_distributed()
+    ``resume``: a training checkpoint to continue from (read and checked before anything is written, never copied);
+    by default ``OUTPUT/last.pth`` is resumed when it exists. A file that cannot resume this run raises
+    :class:`~inceptionnext.checkpoint.CheckpointError` and leaves the output folder untouched.
+    """
+    return launch(SegmentationRun, cfg, resume=resume)

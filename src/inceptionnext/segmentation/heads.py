@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = ["ConvNormAct", "PPM", "UPerHead", "FCNHead", "FPNNeck", "FPNHead", "make_seg_norm"]
 
 
@@ -35,7 +37,7 @@ def make_seg_norm(kind: str | None, channels: int, num_groups: int = 32) -> nn.M
         return nn.GroupNorm(num_groups, channels)
     if kind is None:
         return nn.Identity()
-    raise ValueError(f"unknown norm {kind!r}: use 'batchnorm', 'groupnorm' or None")
+    raise ConfigError(f"unknown norm {kind!r}: use 'batchnorm', 'groupnorm' or None")
 
 
 def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -253,7 +255,7 @@ class FPNHead(nn.Module):
         if len(in_channels) != len(feature_strides):
             raise ValueError("in_channels and feature_strides must have the same length")
         if any(s % feature_strides[0] or s < feature_strides[0] for s in feature_strides):
-            raise ValueError(f"feature strides {tuple(feature_strides)} must be multiples of the first")
+            raise ConfigError(f"feature strides {tuple(feature_strides)} must be multiples of the first")
         self.in_channels = list(in_channels)
         self.feature_strides = list(feature_strides)
         self.num_classes = num_classes

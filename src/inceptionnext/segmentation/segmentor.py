@@ -27,14 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ..models.factory import create_model
 from ..models.metanext import make_norm
 from ..models.registry import is_model
 from .heads import FCNHead, FPNHead, FPNNeck, UPerHead
 
-__all__ = ["Segmentor", "create_segmentor", "PAPER_SEG", "DROP_PATH_SEG", "SEG_HEADS"]
+__all__ = ["Segmentor", "create_segmentor", "PAPER_SEG", "DROP_PATH_SEG", "SEG_HEADS", "UPERNET", "FPN"]
 
-SEG_HEADS = ("upernet", "fpn")
+UPERNET, FPN = "upernet", "fpn"  # the decode heads of Tables 6 and 7
+SEG_HEADS = (UPERNET, FPN)
 
 # Tables 6 and 7 (ADE20K val, single scale): params (M) and MACs (G) as printed, the input size of the MACs, mIoU (%)
 # and FPS on a 2080Ti.
@@ -133,7 +135,7 @@ class Segmentor(nn.Module):
     ) -> None:
         super().__init__()
         if head not in SEG_HEADS:
-            raise ValueError(f"unknown segmentation head {head!r}: use one of {SEG_HEADS}")
+            raise ConfigError(f"unknown segmentation head {head!r}: use one of {SEG_HEADS}")
         self.backbone_name = backbone
         self.head_name = head
         self.num_classes = num_classes
@@ -148,9 +150,9 @@ class Segmentor(nn.Module):
         )
 
         # head_channels scales the heads for small problems; None keeps the widths of the paper's configs
-        width = head_channels or (512 if head == "upernet" else 256)
+        width = head_channels or (512 if head == UPERNET else 256)
         self.neck: nn.Module = nn.Identity()
-        if head == "upernet":
+        if head == UPERNET:
             self.decode_head: nn.Module = UPerHead(channels, num_classes, channels=width)
         else:
             self.neck = FPNNeck(channels, out_channels=width)
@@ -158,7 +160,7 @@ class Segmentor(nn.Module):
                 [width] * len(channels), strides, num_classes, channels=width // 2, norm=fpn_norm
             )
 
-        self.aux = head == "upernet" if aux is None else aux
+        self.aux = head == UPERNET if aux is None else aux
         # the auxiliary head supervises the stride-16 map (stage 3 of a 4-stage backbone)
         self.aux_index = strides.index(16) if 16 in strides else len(channels) - 2
         aux_width = 256 if head_channels is None else max(head_channels // 2, 8)

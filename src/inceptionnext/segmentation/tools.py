@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import load_state_dict_checked, read_checkpoint
+from ..checkpoint import CheckpointError, load_state_dict_checked, read_checkpoint
 from ..complexity import count_macs, count_params
 from ..inference import find_images, read_image
 from .config import SegConfig
@@ -27,7 +27,7 @@ def load_segmentor(checkpoint: str | os.PathLike) -> tuple[Any, SegConfig, list[
 
     ckpt = read_checkpoint(checkpoint)
     if not isinstance(ckpt, dict) or "config" not in ckpt or "class_names" not in ckpt:
-        raise ValueError(f"{checkpoint} is not a segmentation checkpoint of this package (no config/class names)")
+        raise CheckpointError(f"{checkpoint} is not a segmentation checkpoint of this package (no config/class names)")
     cfg = SegConfig(**{**ckpt["config"], "pretrained": False, "backbone_checkpoint": None})
     model = build_segmentor(cfg, len(ckpt["class_names"]))
     load_state_dict_checked(model, ckpt["model"], source=str(checkpoint))
@@ -117,10 +117,10 @@ def benchmark_segmentor(
 ) -> dict[str, Any]:
     """Params, MACs at the paper's input size (UperNet 512x2048, FPN 512x512) and, with ``fps``, inference FPS at
     512x2048 (batch 1, whole image, after warm-up, synchronised on GPU), next to Tables 6 and 7."""
-    from .segmentor import PAPER_SEG, create_segmentor
+    from .segmentor import PAPER_SEG, UPERNET, create_segmentor
 
     paper = PAPER_SEG.get((head, backbone), {})
-    mac_size = tuple(paper.get("input", (512, 2048) if head == "upernet" else (512, 512)))
+    mac_size = tuple(paper.get("input", (512, 2048) if head == UPERNET else (512, 512)))
     with torch.device("meta"):
         meta_model = create_segmentor(head, backbone, num_classes).eval()
     params = count_params(meta_model)

@@ -15,9 +15,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..inference import LoadedModel, eval_transform, read_image
+from ..errors import ConfigError
+from ..inference import ImageError, LoadedModel, eval_transform, read_image
 
 __all__ = ["CAM_METHODS", "CamResult", "target_layer", "compute_cam", "save_overlay", "cam_grid"]
+
+
+# method name (the --method choices) -> class of pytorch_grad_cam
+_CAM_CLASSES = {
+    "gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "hirescam": "HiResCAM", "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM", "eigencam": "EigenCAM", "eigengradcam": "EigenGradCAM", "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM", "fullgrad": "FullGrad", "gradcamelementwise": "GradCAMElementWise",
+}  # fmt: skip
+CAM_METHODS = tuple(_CAM_CLASSES)
 
 
 def _methods() -> dict[str, type]:
@@ -25,17 +35,7 @@ def _methods() -> dict[str, type]:
         import pytorch_grad_cam as g
     except ImportError as e:  # pragma: no cover - a dependency of the cam extra
         raise ImportError("CAMs need the grad-cam library: pip install 'inceptionnext[cam]'") from e
-    return {
-        "gradcam": g.GradCAM, "gradcam++": g.GradCAMPlusPlus, "hirescam": g.HiResCAM, "xgradcam": g.XGradCAM,
-        "layercam": g.LayerCAM, "eigencam": g.EigenCAM, "eigengradcam": g.EigenGradCAM, "scorecam": g.ScoreCAM,
-        "ablationcam": g.AblationCAM, "fullgrad": g.FullGrad, "gradcamelementwise": g.GradCAMElementWise,
-    }  # fmt: skip
-
-
-CAM_METHODS = (
-    "gradcam", "gradcam++", "hirescam", "xgradcam", "layercam", "eigencam", "eigengradcam", "scorecam",
-    "ablationcam", "fullgrad", "gradcamelementwise",
-)  # fmt: skip
+    return {name: getattr(g, cls) for name, cls in _CAM_CLASSES.items()}
 
 
 def _to_nchw(channels: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -65,7 +65,7 @@ def target_layer(model: nn.Module, layer: str | None = None) -> tuple[nn.Module,
         try:
             module = model.get_submodule(layer)
         except AttributeError as e:
-            raise ValueError(f"{type(model).__name__} has no module {layer!r}") from e
+            raise ConfigError(f"{type(model).__name__} has no module {layer!r}") from e
         return module, _to_nchw(getattr(model, "num_features", 0))
     if hasattr(model, "blocks") and hasattr(model, "cls_token") or type(model).__name__ == "VisionTransformer":
         return model.blocks[-1].norm1, _to_nchw(model.num_features)
@@ -75,7 +75,7 @@ def target_layer(model: nn.Module, layer: str | None = None) -> tuple[nn.Module,
         return model.get_submodule(last["module"]), _to_nchw(last["num_chs"])
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
-        raise ValueError(f"no default CAM layer for {type(model).__name__}: pass one (--layer NAME)")
+        raise ConfigError(f"no default CAM layer for {type(model).__name__}: pass one (--layer NAME)")
     return convs[-1], None
 
 
@@ -96,7 +96,7 @@ def compute_cam(
 
     methods = _methods()
     if method not in methods:
-        raise ValueError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
+        raise ConfigError(f"unknown CAM method {method!r}; choose from {', '.join(CAM_METHODS)}")
     pil = read_image(image_path)
     x = eval_transform(loaded.preprocessing)(pil)[None]
     view = eval_transform({**loaded.preprocessing, "mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)})(pil)
@@ -108,7 +108,7 @@ def compute_cam(
     n_classes = probs.shape[0]
     target = int(probs.argmax()) if target_class is None else int(target_class)
     if not 0 <= target < n_classes:
-        raise ValueError(f"target class {target} is out of range for a {n_classes}-class model")
+        raise ConfigError(f"target class {target} is out of range for a {n_classes}-class model")
     module, reshape = target_layer(model, layer)
     with methods[method](model=model, target_layers=[module], reshape_transform=reshape) as cam:
         grayscale = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]
@@ -164,7 +164,7 @@ def cam_grid(
         rows.append((img, results))
     bar.close()
     if not rows:
-        raise ValueError("no readable image to draw: " + "; ".join(problems))
+        raise ImageError("no readable image to draw: " + "; ".join(problems))
     cols = len(models) + 1
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.2 * cols, 2.3 * len(rows)), dpi=130, squeeze=False)
     for r, (img, results) in enumerate(rows):

@@ -16,10 +16,10 @@ from typing import Any
 from safetensors.torch import save_file
 
 from ..inference import LoadedModel
+from ..models.pretrained import HUB_WEIGHTS, resolve_data_config, weights_file_for
 
+# weights_file_for lives in the models layer (timm's entry points load these folders through it); kept importable here
 __all__ = ["export_folder", "push_to_hub", "weights_file_for"]
-
-WEIGHTS = "model.safetensors"
 
 
 def export_folder(loaded: LoadedModel, folder: str | os.PathLike, model_kwargs: dict[str, Any] | None = None) -> Path:
@@ -28,9 +28,9 @@ def export_folder(loaded: LoadedModel, folder: str | os.PathLike, model_kwargs: 
     folder.mkdir(parents=True, exist_ok=True)
     model = loaded.model
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS))
+    save_file(state, str(folder / HUB_WEIGHTS))
     num_classes = int(getattr(model, "num_classes", 0))
-    pre = {k: list(v) if isinstance(v, tuple) else v for k, v in loaded.preprocessing.items()}
+    pre = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_data_config(loaded.preprocessing).items()}
     if model_kwargs is None:
         model_kwargs = (loaded.train_config or {}).get("model_kwargs", {})
     config = {
@@ -61,19 +61,3 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = Fals
     repo = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message="Add model")
     return f"https://huggingface.co/{repo.repo_id}"
-
-
-def weights_file_for(pretrained_cfg: dict[str, Any]) -> Path | None:
-    """The weights file a timm ``local-dir:`` / ``hf-hub:`` pretrained config points to, downloaded if needed."""
-    source = pretrained_cfg.get("source")
-    if source == "local-dir":
-        folder = Path(pretrained_cfg["file"])
-        for name in (WEIGHTS, "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-            if (folder / name).is_file():
-                return folder / name
-        raise FileNotFoundError(f"{folder} has no {WEIGHTS} (nor pytorch_model.bin)")
-    if source == "hf-hub":
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(pretrained_cfg["hf_hub_id"], WEIGHTS))
-    return None

@@ -1,4 +1,4 @@
-"""``inceptionnext export``: ONNX / TorchScript files with a parity check, and ``predict --onnx``'s model loader."""
+"""``inceptionnext export``: ONNX / TorchScript files with a parity check against the eager model."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import re
 import sys
 from pathlib import Path
 
-__all__ = ["add_export_parser", "run_export", "load_onnx_for_predict"]
+from ..errors import UserError
+from .options import add_model_source, load_model_from_args
 
 _SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 _FILE_SUFFIXES = (".onnx", ".pt", ".pth", ".ts", ".torchscript")
 
 
-def add_export_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``export`` on the ``inceptionnext`` sub-command parsers."""
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "export",
         help="ONNX / TorchScript export with a parity check against the eager model",
@@ -22,10 +22,7 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         "preprocessing in the metadata) and/or TorchScript, then check the file against eager torch on other batch "
         "sizes. This package's models are exported with BatchNorm/LayerScale folded (inceptionnext.fuse).",
     )
-    p.add_argument("--model", default=None, help="model name (this package's, timm's, hf-hub:..., local-dir:...)")
-    p.add_argument("--checkpoint", default=None, help="checkpoint (this package's carry model, classes, preprocessing)")
-    p.add_argument("--pretrained", action="store_true", help="released weights of --model")
-    p.add_argument("--use-ema", action="store_true", help="EMA weights of a training checkpoint")
+    add_model_source(p)
     p.add_argument("--format", choices=["onnx", "torchscript", "both"], default="onnx")
     p.add_argument(
         "--output",
@@ -44,48 +41,33 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _outputs(output: str, name: str, formats: list[str]) -> dict[str, Path]:
+def output_paths(output: str, name: str, formats: list[str]) -> dict[str, Path]:
+    """``--output`` as a file (one format, or the stem of both) or a folder (files named after the model)."""
     out = Path(output)
     if out.suffix.lower() in _FILE_SUFFIXES and not out.is_dir():
         if len(formats) == 1:
             if (formats[0] == "onnx") != (out.suffix.lower() == ".onnx"):
-                raise ValueError(f"--output {out}: use a .onnx file for --format onnx and a .pt file for torchscript")
+                raise UserError(f"--output {out}: use a .onnx file for --format onnx and a .pt file for torchscript")
             return {formats[0]: out}
         return {f: out.with_suffix(_SUFFIX[f]) for f in formats}
     stem = re.sub(r"[^\w.-]+", "_", name).strip("_") or "model"
     return {f: out / f"{stem}{_SUFFIX[f]}" for f in formats}
 
 
-def _maybe_fuse(model, no_fuse: bool):
+def run(args: argparse.Namespace) -> int:
+    """0 when every file was written and passed its check, 1 on an export or parity failure."""
+    from ..export import ExportError, export_onnx, export_torchscript
     from ..models import MetaNeXt
+    from ..reparam import fuse
 
-    if no_fuse or not isinstance(model, MetaNeXt):
-        return model, False
-    try:
-        from ..reparam import fuse
-    except ImportError:
-        print("note: inceptionnext.fuse is not available; exporting the unfused model", file=sys.stderr)
-        return model, False
-    try:
-        fused = fuse(model, primitive="conv")  # plain 1x1 convolutions: no oneDNN-only ops in the graph
-    except TypeError:  # an older fuse() without the primitive option
-        fused = fuse(model)
-    return (fused if fused is not None else model), True
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """The ``export`` command: 0 when every file was written and passed its check, 1 on export/parity failure."""
-    from ..export import ExportError, MissingDependencyError, export_onnx, export_torchscript
-    from ..inference import load_model
-
-    if args.checkpoint is None and args.model is None:
-        raise ValueError("give --checkpoint PATH and/or --model NAME")
     if args.atol < 0:
-        raise ValueError(f"--atol must be >= 0, got {args.atol}")
+        raise UserError(f"--atol must be >= 0, got {args.atol}")
     formats = ["onnx", "torchscript"] if args.format == "both" else [args.format]
-    loaded = load_model(args.model, args.checkpoint, pretrained=args.pretrained, use_ema=args.use_ema)
-    paths = _outputs(args.output, loaded.name, formats)
-    model, fused = _maybe_fuse(loaded.model, args.no_fuse)
+    loaded = load_model_from_args(args)
+    paths = output_paths(args.output, loaded.name, formats)
+    fused = not args.no_fuse and isinstance(loaded.model, MetaNeXt)
+    # plain 1x1 convolutions in the fused graph: no oneDNN-only ops in the file
+    model = fuse(loaded.model, primitive="conv") if fused else loaded.model
     pre = dict(loaded.preprocessing)
     image_size = args.image_size or tuple(pre.get("input_size", (3, 224, 224)))
     meta = {k: v for k, v in pre.items() if k != "input_size"}
@@ -103,22 +85,7 @@ def run_export(args: argparse.Namespace) -> int:
             print(f"  {report.summary()}")
             for note in report.notes:
                 print(f"  note: {note}")
-    except MissingDependencyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ExportError as e:
+    except ExportError as e:  # the model does not export or the file disagrees with it: a failed run, not bad input
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-def load_onnx_for_predict(args: argparse.Namespace):
-    """``predict --onnx FILE``: the file behind the torch ``predict`` interface (preprocessing from its metadata)."""
-    from ..export import MissingDependencyError, load_onnx_model
-
-    if args.model or args.checkpoint or args.pretrained:
-        raise ValueError("--onnx replaces --model/--checkpoint/--pretrained: the file carries model and preprocessing")
-    try:
-        return load_onnx_model(args.onnx)
-    except MissingDependencyError as e:
-        raise ValueError(str(e)) from e

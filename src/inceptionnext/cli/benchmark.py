@@ -1,4 +1,4 @@
-"""``inceptionnext benchmark``: throughput table, CSV/JSON and a Figure-1 style plot."""
+"""``inceptionnext benchmark``: training / inference throughput as the paper measures it, CSV/JSON, Figure-1 plot."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 import sys
 
 from .. import benchmark as bm
+from ..errors import UserError
+from .options import progress_enabled
 
 DEFAULT_MODELS = ("inceptionnext_tiny", "convnext_tiny", "resnet50")
 
@@ -21,8 +23,8 @@ def _csv_list(choices: tuple[str, ...]):
     return parse
 
 
-def add_benchmark_parser(sub) -> None:
-    p = sub.add_parser(
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
         "benchmark",
         help="training / inference throughput as the paper measures it (Tables 1, 4, 5, 8; Figure 1)",
         description=(
@@ -58,13 +60,14 @@ def add_benchmark_parser(sub) -> None:
     p.add_argument("--json", default=None, help="write environment, summary and raw measurements here")
     p.add_argument("--plot", default=None, help="write a Figure-1 style plot (paper top-1 vs throughput) here")
     p.add_argument("--plot-mode", choices=bm.MODES, default="train", help="throughput axis of the plot")
+    return p
 
 
-def run_benchmark_cmd(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-        raise ValueError("--batch-size and --steps must be >= 1, --warmup >= 0")
+        raise UserError("--batch-size and --steps must be >= 1, --warmup >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc_tuned:
@@ -88,7 +91,7 @@ def run_benchmark_cmd(args: argparse.Namespace) -> int:
         img_size=args.img_size,
         warmup=args.warmup,
         steps=args.steps,
-        progress=sys.stderr.isatty(),
+        progress=progress_enabled(),
     )
     for m in measurements:
         if m.error:

@@ -1,35 +1,62 @@
-"""``inceptionnext segment train | eval | predict | benchmark``: argument handling over the library functions."""
+"""``inceptionnext segment train | eval | predict | benchmark``: UperNet / Semantic FPN, ADE20K or the embedded set."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from ..errors import UserError
+from .options import add_run_config, is_main_process, progress_enabled, resolve_run_config
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..engine.config import list_recipes
+    from ..segmentation.config import EVAL_MODES, HEADS, SEG_RECIPES, SegConfig
+
+    p = subparsers.add_parser(
+        "segment", help="semantic segmentation: UperNet / Semantic FPN on ADE20K or the embedded set"
+    )
+    seg = p.add_subparsers(dest="seg_command", required=True)
+    q = seg.add_parser("train", help="train (torchrun -m inceptionnext segment train ... for several processes)")
+    add_run_config(q, SegConfig, list_recipes(SEG_RECIPES))
+    q = seg.add_parser("eval", help="mIoU / mAcc / aAcc of a checkpoint")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--data", default=None, help="ADEChallengeData2016 root (default: the checkpoint's own data)")
+    q.add_argument("--mode", choices=EVAL_MODES, default=None, help="default: the checkpoint's eval_mode")
+    q.add_argument("--aug-test", action="store_true", help="multi-scale (0.5-1.75) + flip")
+    q.add_argument("--output", default=None, help="directory for results.json (with per-class IoU)")
+    q = seg.add_parser("predict", help="colour-coded masks overlaid on images")
+    q.add_argument("inputs", nargs="+")
+    q.add_argument("--checkpoint", required=True)
+    q.add_argument("--output", default="segment_predictions")
+    q = seg.add_parser("benchmark", help="params, MACs and FPS as Tables 6 and 7 measure them")
+    q.add_argument("--head", choices=HEADS, action="append", help="default: both")
+    q.add_argument("--backbone", action="append", help="default: inceptionnext_tiny, _small, _base")
+    q.add_argument("--runs", type=int, default=3)
+    q.add_argument("--no-fps", action="store_true", help="only params and MACs (meta device, instant)")
+    return p
+
 
 def _train(args: argparse.Namespace) -> int:
-    from ..engine.config import dry_run_text, overrides_from_args
-    from ..engine.trainer import NonFiniteLossError
-    from .config import SegConfig, resolve_seg_config
-    from .engine import train_segmentation
+    from ..engine import NonFiniteLossError
+    from ..engine.config import dry_run_text
+    from ..segmentation.config import SegConfig, resolve_seg_config
+    from ..segmentation.engine import train_segmentation
 
-    overrides = overrides_from_args(args, SegConfig)
-    recipe = args.recipe or args.config
-    if recipe is None and overrides.get("data") is None:
-        recipe = "textures"
-        print("no --data and no --recipe: the 'textures' recipe on the embedded texture mosaics", file=sys.stderr)
-    cfg = resolve_seg_config(recipe, overrides)
+    cfg = resolve_run_config(
+        args, SegConfig, resolve_seg_config, "textures", "the 'textures' recipe on the embedded texture mosaics"
+    )
     if args.dry_run:
         print(dry_run_text(cfg), end="")
         return 0
     try:
-        summary = train_segmentation(cfg)
+        summary = train_segmentation(cfg, resume=args.resume)
     except NonFiniteLossError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main_process():
         print(f"best mIoU {summary['best']['mIoU']:.2f}% at step {summary['best']['step']}; outputs in {cfg.output}")
     return 0
 
@@ -37,9 +64,9 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import EvalPipeline, build_seg_dataset
-    from .engine import evaluate_segmentation
-    from .tools import load_segmentor
+    from ..segmentation.data import EvalPipeline, build_seg_dataset
+    from ..segmentation.engine import evaluate_segmentation
+    from ..segmentation.tools import load_segmentor
 
     model, cfg, classes = load_segmentor(args.checkpoint)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -47,20 +74,21 @@ def _eval(args: argparse.Namespace) -> int:
     data = args.data if args.data is not None else cfg.data
     dataset = build_seg_dataset(data, "val", EvalPipeline(scale=tuple(cfg.scale)), seed=cfg.seed)
     if list(dataset.classes) != classes:
-        raise ValueError(f"the dataset's classes {list(dataset.classes)[:5]}... differ from the checkpoint's")
+        raise UserError(f"the dataset's classes {list(dataset.classes)[:5]}... differ from the checkpoint's")
+    mode = args.mode or cfg.eval_mode
     res = evaluate_segmentation(
         model,
         dataset,
         device,
-        mode=args.mode or cfg.eval_mode,
+        mode=mode,
         crop=tuple(cfg.slide_crop),
         stride=tuple(cfg.slide_stride),
         aug_test=args.aug_test,
-        progress=sys.stderr.isatty(),
+        progress=progress_enabled(),
     )
     print(
         f"{cfg.head} + {cfg.backbone} on {data or 'texture mosaics (embedded)'} ({len(dataset)} images, "
-        f"{args.mode or cfg.eval_mode}{', ms+flip' if args.aug_test else ''}): mIoU {res['mIoU']:.2f}  "
+        f"{mode}{', ms+flip' if args.aug_test else ''}): mIoU {res['mIoU']:.2f}  "
         f"mAcc {res['mAcc']:.2f}  aAcc {res['aAcc']:.2f}"
     )
     for name, iou in zip(classes, res["IoU"]):
@@ -74,7 +102,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from .tools import predict_masks
+    from ..segmentation.tools import predict_masks
 
     written, problems = predict_masks(args.checkpoint, args.inputs, args.output)
     for p in problems:
@@ -84,9 +112,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    from .tools import benchmark_segmentor
+    from ..segmentation.config import HEADS
+    from ..segmentation.tools import benchmark_segmentor
 
-    heads = args.head or ["upernet", "fpn"]
+    heads = args.head or list(HEADS)
     backbones = args.backbone or ["inceptionnext_tiny", "inceptionnext_small", "inceptionnext_base"]
     print(
         f"{'segmentor':34s} {'params (M)':>10s} {'paper':>6s} {'MACs (G)':>9s} {'paper':>6s} {'input':>9s} "

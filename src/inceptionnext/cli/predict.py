@@ -1,0 +1,43 @@
+"""``inceptionnext predict``: top-k classes of images or folders, from a model, a checkpoint or an ONNX file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from .options import add_model_source, load_model_from_args, progress_enabled
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("predict", help="top-k classes of images or folders of images")
+    p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
+    add_model_source(p)
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--format", choices=["table", "json"], default="table")
+    p.add_argument("--output", default=None, help="also write the JSON report to this file")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="run an exported .onnx file with onnxruntime instead")
+    return p
+
+
+def _load_onnx(args: argparse.Namespace):
+    """The exported file behind the torch ``predict`` interface (preprocessing from its metadata)."""
+    from ..serve import load_onnx_model
+
+    if args.model or args.checkpoint or args.pretrained:
+        raise UserError("--onnx replaces --model/--checkpoint/--pretrained: the file carries model and preprocessing")
+    return load_onnx_model(args.onnx)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tools.predict import format_predictions, predict
+
+    loaded = _load_onnx(args) if args.onnx else load_model_from_args(args)
+    report = predict(loaded, args.inputs, topk=args.topk, batch_size=args.batch_size, progress=progress_enabled())
+    text = json.dumps(report.to_dict(), indent=1)
+    if args.output:
+        Path(args.output).write_text(text)
+    print(text if args.format == "json" else format_predictions(report))
+    return 0 if report.predictions else 1

@@ -1,0 +1,301 @@
+"""Image classification on the engine core: the model, the data, the loss and the epoch loop, nothing else.
+
+Launch with ``inceptionnext train`` (one process) or ``torchrun --nproc_per_node N -m inceptionnext train``.
+Checkpoints, resume, DDP/AMP, the NaN policy, metrics and curves come from :class:`~.run.TrainingRun`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointError
+from ..data import DataError, SeededTransform, build_dataset, build_transform, eval_preprocessing
+from ..errors import ConfigError
+from ..models import is_model
+from ..models.factory import create_any_model
+from .config import TrainConfig
+from .optim import build_optimizer
+from .run import TrainingRun, launch
+from .runtime import ShardSampler, autocast
+
+__all__ = ["ClassificationRun", "build_model", "evaluate", "train"]
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "val",
+    progress: bool = True,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy, summed exactly over all processes."""
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct1, correct5, count
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums += torch.stack(
+            [
+                F.cross_entropy(logits, y, reduction="sum").double(),
+                (top[:, 0] == y).sum().double(),
+                (top == y[:, None]).any(1).sum().double(),
+                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+            ]
+        )
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    loss, c1, c5, n = sums.tolist()
+    if n == 0:
+        raise DataError("the evaluation set is empty")
+    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "count": int(n)}
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    kwargs: dict[str, Any] = dict(cfg.model_kwargs)
+    kwargs.update(num_classes=num_classes, drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
+    if cfg.ls_init_value is not None and is_model(cfg.model):  # timm peers have no LayerScale argument
+        kwargs["ls_init_value"] = cfg.ls_init_value
+    return create_any_model(
+        cfg.model,
+        pretrained=cfg.pretrained and not cfg.initial_checkpoint,
+        checkpoint_path=cfg.initial_checkpoint,
+        **kwargs,
+    )
+
+
+class ClassificationRun(TrainingRun):
+    """One process of a classification training run, counted in epochs."""
+
+    task = "classification"
+    x_column = "epoch"
+    curves = (
+        ("loss", (("train_loss", "train loss (as optimised)"), ("val_loss", "val loss"))),
+        ("val accuracy (%)", (("val_top1", "top-1"), ("ema_top1", "top-1 (EMA)"))),
+    )
+    best_key = "top1"
+    checkpoint_keys = ("epoch", "class_names")
+    nan_advice = "Lower the learning rate (--lr), set --clip-grad, or use --amp fp32/bf16 instead of fp16."
+
+    def initial_best(self) -> dict[str, Any]:
+        return {"top1": -1.0, "epoch": -1, "which": "raw"}
+
+    def build(self) -> None:
+        cfg, dist = self.cfg, self.dist
+        skip_log = self.out / "skipped_images.txt"  # appended to only when an unreadable image is met
+        train_base = build_dataset(cfg.data, "train", cfg.img_size, skip_log=skip_log)
+        val_base = build_dataset(cfg.data, "val", cfg.img_size, skip_log=skip_log)
+        self.class_names = list(train_base.classes)
+        if list(val_base.classes) != self.class_names:
+            raise DataError(
+                f"train and val class folders differ: {self.class_names[:5]}... vs {val_base.classes[:5]}..."
+            )
+
+        model = build_model(cfg, len(self.class_names))
+        self.model_cfg = model.pretrained_cfg
+        self.train_set = SeededTransform(train_base, build_transform(cfg, self.model_cfg, True), cfg.seed)
+        self.val_set = SeededTransform(val_base, build_transform(cfg, self.model_cfg, False), cfg.seed)
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        loader_kw = dict(num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
+        self.train_loader = DataLoader(
+            self.train_set, cfg.batch_size, sampler=self.sampler, drop_last=True, **loader_kw
+        )
+        self.val_loader = DataLoader(
+            self.val_set,
+            cfg.batch_size,
+            sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
+            **loader_kw,
+        )
+        if len(self.train_loader) < cfg.grad_accum_steps:
+            raise ConfigError(
+                f"{len(self.train_set)} training images give {len(self.train_loader)} batches of {cfg.batch_size} per "
+                f"process: fewer than grad_accum_steps={cfg.grad_accum_steps}; lower --batch-size"
+            )
+        self.updates_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
+
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        if cfg.sync_bn and dist.distributed:
+            if dist.device.type != "cuda":
+                raise ConfigError("--sync-bn needs CUDA (SyncBatchNorm has no CPU implementation)")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.to(dist.device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+
+        self.lr = cfg.scaled_lr(dist.world_size)
+        self.optimizer = build_optimizer(
+            model, self.lr, opt=cfg.opt, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=cfg.opt_betas
+        )
+        if cfg.sched == "cosine":
+            self.scheduler = CosineLRScheduler(
+                self.optimizer,
+                t_initial=cfg.epochs * self.updates_per_epoch,
+                lr_min=cfg.min_lr,
+                warmup_t=round(cfg.warmup_epochs * self.updates_per_epoch),
+                warmup_lr_init=cfg.warmup_lr,
+                warmup_prefix=True,
+                t_in_epochs=False,
+            )
+        self.clip_grad = cfg.clip_grad
+
+        self.mixup = None
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            self.mixup = Mixup(
+                mixup_alpha=cfg.mixup,
+                cutmix_alpha=cfg.cutmix,
+                switch_prob=cfg.mixup_switch_prob,
+                label_smoothing=cfg.smoothing,
+                num_classes=len(self.class_names),
+            )
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif cfg.smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(cfg.smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+        ddp = self.wrap(model)
+        self.forward_model = torch.compile(ddp) if cfg.compile else ddp
+
+    # ------------------------------------------------------------------------------------------------ state
+    def task_state(self) -> dict[str, Any]:
+        pre = eval_preprocessing(self.cfg, self.model_cfg)
+        return {
+            "model_name": self.cfg.model,
+            "class_names": self.class_names,
+            "eval_preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()},
+        }
+
+    def load_task_state(self, ckpt: Mapping[str, Any], source: str) -> None:
+        if list(ckpt["class_names"]) != self.class_names:
+            raise CheckpointError(
+                f"{source} was trained on the classes {list(ckpt['class_names'])[:5]}..., the data has "
+                f"{self.class_names[:5]}...: it cannot resume this run"
+            )
+
+    def config_extras(self) -> dict[str, Any]:
+        return {
+            "effective_batch": self.cfg.effective_batch(self.dist.world_size),
+            "scaled_lr": self.lr,
+            "num_classes": len(self.class_names),
+        }
+
+    def describe(self) -> str:
+        cfg, world = self.cfg, self.dist.world_size
+        return (
+            f"{cfg.model}: {len(self.train_set)} train / {len(self.val_set)} val images, "
+            f"{len(self.class_names)} classes; effective batch {cfg.effective_batch(world)} "
+            f"({world} proc x {cfg.batch_size} x {cfg.grad_accum_steps} accum); lr {cfg.lr:g} for "
+            f"batch {cfg.lr_base_batch} scaled to {self.lr:.4g}; device {self.dist.device}, "
+            f"amp {self.amp_dtype or 'fp32'}"
+        )
+
+    # ------------------------------------------------------------------------------------------------ loops
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        cfg, device = self.cfg, self.dist.device
+        self.ddp.train()
+        self.sampler.set_epoch(epoch)
+        self.train_set.set_epoch(epoch)
+        accum = cfg.grad_accum_steps
+        n_micro = self.updates_per_epoch * accum
+        seen, t0 = 0, time.perf_counter()
+        bar = self.progress_bar(
+            total=self.updates_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False
+        )
+        data_iter = iter(self.train_loader)
+        for micro in range(n_micro):
+            x, y = next(data_iter)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            update = (micro + 1) % accum == 0
+            with self.no_sync(update):
+                with self.autocast():
+                    loss = self.criterion(self.forward_model(x), y)
+                self.backward(loss, accum)
+            seen += len(x) * self.dist.world_size
+            if not update:
+                continue
+            self.optimizer_step()
+            n_update = (micro + 1) // accum
+            if n_update % cfg.log_interval == 0 or n_update == self.updates_per_epoch:
+                self.check_finite()
+                rate = seen / (time.perf_counter() - t0)
+                bar.set_postfix(
+                    loss=f"{self.running_loss.local_mean():.4f}", lr=f"{self.current_lr():.2e}", img_s=f"{rate:.0f}"
+                )
+            bar.update(1)
+        bar.close()
+        self.check_finite()
+        mean_loss = self.running_loss.mean()
+        return {"train_loss": mean_loss, "lr": self.current_lr(), "img_per_s": seen / (time.perf_counter() - t0)}
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        cfg, device = self.cfg, self.dist.device
+        val = evaluate(self.ddp, self.val_loader, device, self.amp_dtype, "val", self.progress, cfg.channels_last)
+        row = {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
+        if self.ema is not None:
+            ema = evaluate(
+                self.ema.module, self.val_loader, device, self.amp_dtype, "val (EMA)", self.progress, cfg.channels_last
+            )
+            row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+        return row
+
+    def best_record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The better of the raw and the EMA weights (the EMA wins only when strictly better)."""
+        top1, which = row["val_top1"], "raw"
+        if "ema_top1" in row and row["ema_top1"] > top1:
+            top1, which = row["ema_top1"], "ema"
+        return {"top1": top1, "epoch": row["epoch"], "which": which}
+
+    def epoch_message(self, row: dict[str, Any]) -> str:
+        ema_txt = f", EMA top-1 {row['ema_top1']:.2f}" if "ema_top1" in row else ""
+        return (
+            f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, val loss "
+            f"{row['val_loss']:.4f}, top-1 {row['val_top1']:.2f}, top-5 {row['val_top5']:.2f}{ema_txt}, "
+            f"{row['img_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s"
+        )
+
+    def fit(self) -> dict[str, Any]:
+        summary = super().fit()
+        skipped = self.out / "skipped_images.txt"
+        if self.main and skipped.exists():
+            n = len(skipped.read_text().splitlines())
+            self.log(f"{n} unreadable image reads were skipped (replaced by the next image); list: {skipped}")
+        return summary
+
+
+def train(cfg: TrainConfig, *, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Run a classification training as described by ``cfg``; under torchrun, call it in every process.
+
+    ``resume``: a training checkpoint to continue from (read and checked before anything is written, never copied);
+    by default ``OUTPUT/last.pth`` is resumed when it exists. A file that cannot resume this run raises
+    :class:`~inceptionnext.checkpoint.CheckpointError` and leaves the output folder untouched.
+    """
+    return launch(ClassificationRun, cfg, resume=resume)

@@ -1,0 +1,169 @@
+"""Where a run executes: torchrun's process group and device, mixed precision, DDP, and sharded data order.
+
+Every task (classification, segmentation, the next one) gets these from here, so a launch behaves the same way
+whatever it trains: NCCL on CUDA and gloo on CPU, one autocast factory, a GradScaler only for fp16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = [
+    "DistInfo",
+    "ShardSampler",
+    "all_reduce_max",
+    "all_reduce_mean",
+    "autocast",
+    "autocast_settings",
+    "batches_from_step",
+    "cleanup_distributed",
+    "init_distributed",
+    "wrap_ddp",
+]
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group.
+
+    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process on ``cuda:0`` or the CPU.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, local, world, dev)
+
+
+def cleanup_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum over processes (a flag raised on any rank is raised on all)."""
+    values = values.clone()
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def autocast_settings(device: torch.device, amp: str) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None for fp32, whether a GradScaler is needed). CPU always runs fp32.
+
+    ``auto`` prefers bf16, which needs no loss scaling; fp16 is the fallback on GPUs without bf16.
+    """
+    if device.type != "cuda" or amp == "fp32":
+        return None, False
+    if amp == "fp16":
+        return torch.float16, True
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The one autocast context of the package: a no-op for fp32 (``dtype=None``)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """``model`` itself in one process, else a DistributedDataParallel of it on this process's device."""
+    if not info.distributed:
+        return model
+    return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sharding without padding: rank r takes indices r, r + world, ... (every sample counted once)."""
+
+    def __init__(self, n: int, rank: int, world: int) -> None:
+        self.indices = list(range(rank, n, world))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def batches_from_step(
+    step: int,
+    dataset: Dataset,
+    sampler: DistributedSampler,
+    batch_size: int,
+    *,
+    seed: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Any]:
+    """Training batches from optimizer step ``step`` on, pass after pass over ``dataset``, without end.
+
+    For runs counted in steps: pass ``p`` shuffles with ``sampler.set_epoch(p)`` (and ``dataset.set_epoch(p)`` when
+    the dataset seeds its augmentation by pass), and a run resumed at step k skips the batches it already took, so it
+    sees exactly the batches the uninterrupted run would have. Each pass's loader has its own generator: creating it
+    must not draw from the global RNG, or a resumed run would see other drop-path masks than the uninterrupted one.
+    """
+    steps_per_pass = len(sampler) // batch_size
+    if steps_per_pass < 1:
+        raise ValueError(f"a pass of {len(sampler)} samples per process gives no batch of {batch_size}")
+    pass_index, offset = divmod(step, steps_per_pass)
+    while True:
+        sampler.set_epoch(pass_index)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(pass_index)
+        indices = list(sampler)[offset * batch_size :]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + pass_index)
+        yield from DataLoader(
+            dataset,
+            batch_size,
+            sampler=indices,
+            drop_last=True,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            generator=generator,
+        )
+        pass_index, offset = pass_index + 1, 0
