@@ -34,7 +34,8 @@ def main() -> int:
     args = p.parse_args()
     if args.malloc_tuned:
         bm.tune_glibc_malloc()
-    common = dict(device="cpu", batch_size=args.batch_size, warmup=args.warmup, steps=args.steps)
+    # docs/speed.md's CPU tables were taken under the "this" protocol (fp32, median step, AdamW train step)
+    common = dict(device="cpu", batch_size=args.batch_size, warmup=args.warmup, steps=args.steps, protocol="this")
     rate = max(bm.matmul_rate("cpu", n) for n in (1024, 2048, 3072))
     env = bm.environment()
     print(f"{env['cpu']}, {env['threads']} threads, torch {env['torch']}, batch {args.batch_size}, fp32, "

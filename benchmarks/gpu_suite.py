@@ -4,7 +4,9 @@
 
 1. The fused Triton Inception depthwise convolution against the split / convolve / concatenate module, forward +
    backward, InceptionNeXt-T stage shapes at batch 128 (``benchmarks/bench_mixer_gpu.py``).
-2. Model training and inference throughput at batch 128 in TF32 and bf16 autocast, both layouts, better reported:
+2. Model training and inference throughput under the official protocol (the released benchmark.py's: cudnn
+   autotuner on, 10 warm-up + 40 timed steps, SGD train step, images / total timed time; see
+   ``inceptionnext.benchmark``) at batch 128 in TF32 and bf16 autocast, both layouts, better reported:
    this package's InceptionNeXt-T with the fused mixer (``create_model(..., fused_mixer=True)``, opt-in) against the
    default model (split / convolve / concatenate mixer), timm's ``inception_next_tiny`` and ``convnext_tiny`` (the
    paper's InceptionNeXt-T / ConvNeXt-T ratio: 1.57x training, 1.20x inference on an A100, Table 4).
@@ -27,8 +29,8 @@ from inceptionnext.models import create_model
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=None, help="default: the official protocol's 10")
+    p.add_argument("--steps", type=int, default=None, help="default: the official protocol's 40")
     p.add_argument("--precisions", nargs="+", default=["tf32", "bf16"], choices=bm.PRECISIONS)
     p.add_argument("--json", default=None)
     args = p.parse_args()

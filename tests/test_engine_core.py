@@ -35,6 +35,7 @@ class ToyConfig:
     amp: str = "fp32"
     lr: float = 0.1
     poison_epoch: int = -1  # from this epoch (0-based) on, the loss is NaN
+    log_interval: int = 1  # unused: a runtime key, which a resume may change
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

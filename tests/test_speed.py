@@ -252,7 +252,8 @@ def test_measure_halves_batch_on_out_of_memory(monkeypatch):
         return real(model, name, impl, device, layout, x)
 
     monkeypatch.setattr(bm, "_inference_step", limited)
-    m = bm.measure("inceptionnext_atto", batch_size=16, img_size=64, warmup=0, steps=1, device="cpu")
+    # halving is the "this" protocol's; the official one steps down as timm does (tests/test_benchmark_protocol.py)
+    m = bm.measure("inceptionnext_atto", batch_size=16, img_size=64, warmup=0, steps=1, device="cpu", protocol="this")
     assert m.error is None and m.batch_size == 2
     monkeypatch.setattr(bm, "_inference_step", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     m = bm.measure("inceptionnext_atto", batch_size=4, img_size=64, warmup=0, steps=1, device="cpu")

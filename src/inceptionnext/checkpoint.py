@@ -64,15 +64,43 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise CheckpointError(
-                f"{path} contains pickled Python objects beyond tensors; it is refused because loading it could "
-                f"execute code. Re-save only the state dict (torch.save(model.state_dict(), ...)). ({msg})"
-            ) from e
-        raise CheckpointError(
-            f"{path} is corrupt or not a PyTorch/safetensors checkpoint ({type(e).__name__}: {msg})"
-        ) from e
+        raise _load_error(path, e) from e
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+
+
+def _load_error(path: Path, e: Exception) -> CheckpointError:
+    """What a failed ``torch.load(weights_only=True)`` means, from the file's first bytes and the error.
+
+    The weights-only unpickler reports a pickled code object, an unknown class and plain garbage all as
+    ``UnpicklingError``, so the file's format decides the wording: only a zip checkpoint or a pickle stream can hold
+    pickled Python objects; anything else is not a checkpoint file at all.
+    """
+    text = str(e)
+    msg = text.splitlines()[0] if text else type(e).__name__
+    with open(path, "rb") as f:
+        head = f.read(8)
+    is_pickle = len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # PROTO opcode: a pickle stream
+    globals_refused = "Unsupported global" in text or "unsupported GLOBAL" in text
+    if (head.startswith(_ZIP_MAGIC) or is_pickle) and (globals_refused or "weights_only" in text):
+        # the unpickler's own line (which global, which opcode), not torch's advice to load it unsafely
+        lines = [ln.strip() for ln in text.splitlines()]
+        found = next((ln for ln in lines if "GLOBAL" in ln), None) or next(
+            (ln for ln in lines if ln.startswith("Unsupported")), "refused by the weights-only unpickler"
+        )
+        return CheckpointError(
+            f"{path} contains pickled Python objects beyond tensors; it is refused because loading it could "
+            f"execute code. Re-save only the state dict (torch.save(model.state_dict(), ...)). ({found})"
+        )
+    if head.startswith(_ZIP_MAGIC) or is_pickle:
+        return CheckpointError(
+            f"{path} is corrupt or not a PyTorch/safetensors checkpoint (truncated?) ({type(e).__name__}: {msg})"
+        )
+    return CheckpointError(
+        f"{path} is not a checkpoint file: it is neither a PyTorch checkpoint (zip or pickle) nor safetensors "
+        f"(first bytes {head!r})"
+    )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -85,8 +113,12 @@ def extract_state_dict(obj: Any, use_ema: bool = False) -> dict[str, torch.Tenso
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"expected a state dict or a dict holding one, got {type(obj).__name__}")
     keys = (*_EMA_KEYS, *_WRAPPER_KEYS) if use_ema else _WRAPPER_KEYS
-    if use_ema and not any(isinstance(obj.get(k), Mapping) for k in _EMA_KEYS) and not _is_state_dict(obj):
-        raise CheckpointError(f"use_ema=True but the checkpoint holds no EMA weights (keys: {sorted(obj)[:10]})")
+    if use_ema and not any(isinstance(obj.get(k), Mapping) for k in _EMA_KEYS):
+        what = "a plain state dict" if _is_state_dict(obj) else f"keys: {', '.join(sorted(map(str, obj))[:10])}"
+        raise CheckpointError(
+            f"use_ema (--use-ema) was asked for but the checkpoint holds no EMA weights ({what}); leave it out to use "
+            "the weights it has"
+        )
     while not _is_state_dict(obj):
         inner = next((obj[k] for k in keys if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
@@ -163,12 +195,15 @@ def _listing(keys: list[str], limit: int = 12) -> str:
 
 
 def load_state_dict_checked(
-    model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str = "checkpoint", strict: bool = True
-) -> LoadReport:
+    model: nn.Module, sd: Mapping[str, torch.Tensor], *, source: str = "checkpoint", strict: bool = True,
+    reinit_head: bool = True,
+) -> LoadReport:  # fmt: skip
     """Load a (possibly foreign-layout) state dict into ``model`` with clear errors.
 
     * Missing or unexpected keys and shape mismatches raise :class:`CheckpointError` listing them (``strict``).
-    * A classifier of another size (another ``num_classes``) is left at its fresh init, with a warning.
+    * A classifier of another size (another ``num_classes``) is left at its fresh init, with a warning, to be
+      fine-tuned; with ``reinit_head=False`` (inference, where a random head gives meaningless predictions) it
+      raises :class:`CheckpointError` naming both class counts.
     * A features-only backbone ignores the head (and pruned stages) of a classification checkpoint.
 
     Foreign layouts are renamed only for models that declare ``accepts_foreign_layouts`` (this package's MetaNeXt):
@@ -186,6 +221,9 @@ def load_state_dict_checked(
         sd = {k: v for k, v in sd.items() if k not in report.ignored}
     classifier = set(model.classifier_keys()) if hasattr(model, "classifier_keys") else set()
     mismatched = [k for k in sd if k in own and sd[k].shape != own[k].shape]
+    if not reinit_head:
+        _refuse_other_head(model, source, [k for k in mismatched if k in (classifier or _classifier_keys(model))],
+                           sd, own)  # fmt: skip
     head_mismatch = [k for k in mismatched if k in classifier]
     if head_mismatch:
         report.reinitialized = head_mismatch
@@ -220,6 +258,34 @@ def load_state_dict_checked(
         )
     model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)  # strictness is checked above
     return report
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """The parameter names of a timm model's classifier (``get_classifier()``), for models without
+    ``classifier_keys``."""
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return set()
+    for name, module in model.named_modules():
+        if module is head:
+            return {f"{name}.{p}" if name else p for p, _ in module.named_parameters()}
+    return set()
+
+
+def _refuse_other_head(
+    model: nn.Module, source: str, keys: list[str], sd: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]
+) -> None:
+    if not keys:
+        return
+    key = next((k for k in keys if k.endswith("weight")), keys[0])
+    theirs, ours = sd[key].shape[0], own[key].shape[0]
+    raise CheckpointError(
+        f"{source} has a {theirs}-class classifier ({key} {tuple(sd[key].shape)}) but the model is built for {ours} "
+        f"classes; its predictions would come from a random head. Build the model with the checkpoint's {theirs} "
+        f"classes (num_classes={theirs}; on the command line --num-classes {theirs}, or the right --model) or use a "
+        "checkpoint that carries its class names (a training checkpoint of this package)"
+    )
 
 
 def load_checkpoint(

@@ -1,4 +1,9 @@
-"""Loading a model for inference with its preprocessing and class names; reading user images robustly.
+"""Loading a model for inference with its preprocessing and class names; finding user images.
+
+A checkpoint whose classifier has another number of classes than the model is refused here, where training would
+re-initialise the head to fine-tune it: a random head gives confident, meaningless predictions (with the ImageNet
+names when the model has 1000 classes). Images are read by :func:`inceptionnext.data.images.read_image`, the reader
+of the datasets too (re-exported here).
 
 Preprocessing is resolved in one place, :func:`inceptionnext.models.pretrained.resolve_data_config`: a model's
 ``pretrained_cfg`` (timm's models included), a training checkpoint's ``eval_preprocessing`` or an exported file's
@@ -13,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from .checkpoint import extract_state_dict, load_state_dict_checked, read_checkpoint
-from .errors import ConfigError, UserError
+from .checkpoint import CheckpointError, extract_state_dict, load_state_dict_checked, read_checkpoint
+from .data.images import IMAGE_SUFFIXES, ImageError, read_image
+from .errors import ConfigError
 from .models.factory import create_any_model
 from .models.pretrained import HUB_PREFIXES, resolve_data_config
 
@@ -31,13 +35,9 @@ __all__ = [
     "read_image",
     "find_images",
     "imagenet_class_names",
+    "distinct",
+    "unique_names",
 ]
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-
-
-class ImageError(UserError, ValueError):
-    """A file that is not a readable image; batch tools report it and go on with the other files."""
 
 
 @dataclass
@@ -60,29 +60,51 @@ def imagenet_class_names() -> list[str]:
 
 def load_model(
     name: str | None = None, checkpoint: str | os.PathLike | None = None, *, pretrained: bool = False,
-    use_ema: bool = False,
+    use_ema: bool = False, num_classes: int | None = None,
 ) -> LoadedModel:  # fmt: skip
     """A model ready for eval, from this package's training checkpoint (which names the model and its classes),
-    from ``name`` + a checkpoint file, from released weights (``pretrained``), or a timm/HF model name."""
+    from ``name`` + a checkpoint file, from released weights (``pretrained``), or a timm/HF model name.
+
+    ``num_classes``: the class count of a checkpoint that does not carry its class names (predictions are then
+    class indices). A checkpoint whose classifier does not fit the model raises
+    :class:`~inceptionnext.checkpoint.CheckpointError` naming both counts; ``use_ema`` without EMA weights in the
+    checkpoint raises too, rather than quietly using the raw weights.
+    """
+    if use_ema and checkpoint is None:
+        raise ConfigError("use_ema (--use-ema) needs a checkpoint that holds EMA weights (--checkpoint PATH)")
+    if num_classes is not None and (checkpoint is None or num_classes < 1):
+        raise ConfigError(f"num_classes (--num-classes) must be >= 1 and go with a checkpoint, got {num_classes}")
     obj = read_checkpoint(checkpoint) if checkpoint else None
-    if isinstance(obj, dict) and "config" in obj and "class_names" in obj:  # this package's training checkpoint
+    if isinstance(obj, dict) and "config" in obj and "class_names" in obj:  # a training checkpoint of this package
+        if "model_name" not in obj:
+            raise CheckpointError(
+                f"{checkpoint} is a segmentation checkpoint, not a classifier: use `inceptionnext segment eval` or "
+                "`segment predict`"
+            )
         cfg = obj["config"]
         name = name or obj["model_name"]
         classes = list(obj["class_names"])
+        if num_classes is not None and num_classes != len(classes):
+            raise ConfigError(f"{checkpoint} carries {len(classes)} class names; num_classes={num_classes} disagrees")
         model = create_any_model(name, num_classes=len(classes), **cfg.get("model_kwargs", {}))
-        load_state_dict_checked(model, extract_state_dict(obj, use_ema=use_ema), source=str(checkpoint))
+        state = extract_state_dict(obj, use_ema=use_ema)
+        load_state_dict_checked(model, state, source=str(checkpoint), reinit_head=False)
         pre = resolve_data_config(obj["eval_preprocessing"])
         weights = f"{checkpoint} ({'EMA' if use_ema else 'raw'} weights, epoch {obj['epoch'] + 1})"
         return LoadedModel(model.eval(), name, pre, classes, weights, train_config=dict(cfg))
     if name is None:
         raise ConfigError(f"{checkpoint} is not a training checkpoint of this package: name the model (--model)")
     from_hub = name.startswith(HUB_PREFIXES)  # an exported folder always carries its weights
-    model = create_any_model(name, pretrained=(pretrained or from_hub) and checkpoint is None)
+    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    model = create_any_model(name, pretrained=(pretrained or from_hub) and checkpoint is None, **kwargs)
     if checkpoint:
-        load_state_dict_checked(model, extract_state_dict(obj, use_ema=use_ema), source=str(checkpoint))
+        state = extract_state_dict(obj, use_ema=use_ema)
+        load_state_dict_checked(model, state, source=str(checkpoint), reinit_head=False)
     cfg = getattr(model, "pretrained_cfg", None) or {}
     pre = resolve_data_config(cfg)
     classes = cfg.get("label_names")
+    if classes is not None and len(classes) != getattr(model, "num_classes", len(classes)):
+        classes = None  # the names of the released head, not of this one
     if classes is None and getattr(model, "num_classes", 0) == 1000:
         classes = imagenet_class_names()
     weights = str(checkpoint) if checkpoint else ("released weights" if pretrained else "random init")
@@ -95,26 +117,6 @@ def eval_transform(pre: Mapping[str, Any]):
     from timm.data import create_transform
 
     return create_transform(**resolve_data_config(pre), is_training=False)
-
-
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """An RGB image from any common file: grayscale and palette images are converted, transparency is composited
-    on white, 16-bit and float images are rescaled to 8 bits. Raises :class:`ImageError` for unreadable files."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                arr = np.asarray(img, dtype=np.float64)
-                lo, hi = float(arr.min()), float(arr.max())
-                arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-                return Image.fromarray(arr.round().astype(np.uint8)).convert("RGB")
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                rgba = img.convert("RGBA")
-                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                return Image.alpha_composite(background, rgba).convert("RGB")
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 def find_images(paths: list[str | os.PathLike]) -> tuple[list[Path], list[str]]:
@@ -138,3 +140,35 @@ def find_images(paths: list[str | os.PathLike]) -> tuple[list[Path], list[str]]:
 def classify(loaded: LoadedModel, batch: torch.Tensor, topk: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
     probs = loaded.model(batch).float().softmax(-1)
     return probs.topk(min(topk, probs.shape[-1]), dim=-1)
+
+
+def unique_names(paths: list[str | os.PathLike]) -> list[str]:
+    """A distinct output name (no suffix) for each input path, in order: the file's stem where it is unique, else
+    its path below the deepest folder the colliding files share (``a/x.jpg``, ``b/x.jpg`` -> ``a__x``, ``b__x``),
+    else a numbered name (:func:`distinct`). Names are compared without case, as macOS and Windows file systems do."""
+    paths = [Path(p) for p in paths]
+    names = [p.stem for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        groups.setdefault(n.lower(), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        resolved = [paths[i].resolve() for i in members]
+        common = Path(os.path.commonpath([str(r.parent) for r in resolved]))
+        for i, r in zip(members, resolved):
+            names[i] = "__".join(r.relative_to(common).with_suffix("").parts)
+    return distinct(names)
+
+
+def distinct(names: list[str]) -> list[str]:
+    """``names`` with repeats (compared without case) numbered: ``x``, ``x-2``, ``x-3``."""
+    taken: set[str] = set()
+    out = []
+    for n in names:
+        candidate, k = n, 2
+        while candidate.lower() in taken:
+            candidate, k = f"{n}-{k}", k + 1
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out

@@ -40,8 +40,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
+
+
+def user_message(e: UserError) -> str:
+    """The error's own message; for one raised in a DataLoader worker process, which torch re-raises with the
+    worker's traceback as its message, the original message only."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        marker = f"{type(e).__module__}.{type(e).__qualname__}: "
+        at = text.rfind(marker)
+        if at >= 0:
+            return text[at + len(marker) :].rstrip("\n")
+    return text
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import asdict
 
 from .. import benchmark as bm
 from ..errors import UserError
@@ -28,10 +29,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "benchmark",
         help="training / inference throughput as the paper measures it (Tables 1, 4, 5, 8; Figure 1)",
         description=(
-            "Synthetic 224px batches (128, halved on out-of-memory), warm-up then timed steps, channels-first and "
-            "channels-last with the better one reported. Models: this package's and timm's (the peers of Table 4: "
+            "Synthetic batches at the model's input size (128, reduced on out-of-memory), warm-up then timed steps, "
+            "channels-first and channels-last with the better one reported, next to the paper's A100 and 2080Ti "
+            "figures. --protocol official (default) follows the released benchmark.py: cudnn.benchmark on, TF32, "
+            "10 warm-up + 40 timed steps, SGD train step, images / total timed time; --protocol this is this "
+            "package's earlier protocol (fp32, 5 + 20 steps, AdamW, median step). Models: this package's and timm's "
+            "(the peers of Table 4: "
             + ", ".join(list(bm.PEERS)[:9])
-            + ", ...)."
+            + ", ...; at 384 px: "
+            + ", ".join(bm.PEERS_384)
+            + ")."
         ),
     )
     p.add_argument("models", nargs="*", default=list(DEFAULT_MODELS), help=f"default: {' '.join(DEFAULT_MODELS)}")
@@ -43,12 +50,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=list(bm.LAYOUTS),
         help="channels_first,channels_last (default both; the better is reported)",
     )
-    p.add_argument("--precision", choices=bm.PRECISIONS, default="fp32")
+    p.add_argument(
+        "--protocol",
+        choices=list(bm.PROTOCOLS),
+        default="official",
+        help="official: the released benchmark.py (default); this: this package's earlier protocol",
+    )
+    p.add_argument("--precision", choices=bm.PRECISIONS, default=None, help="default: the protocol's (official: tf32)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=128, help="start value; halved until it fits")
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--steps", type=int, default=20, help="timed steps; the median step time is used")
+    p.add_argument("--batch-size", type=int, default=128, help="start value; reduced until it fits")
+    p.add_argument("--img-size", type=int, default=None, help="default: the model's input size (224; 384 models 384)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps (default: the protocol's, official 10)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: the protocol's, official 40)")
+    p.add_argument(
+        "--train-opt", choices=bm.TRAIN_OPTS, default=None, help="optimizer of the train step (official: sgd)"
+    )
     p.add_argument("--baseline", default=None, help="MODEL or MODEL:IMPL for the ratio columns (default: first)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument(
@@ -66,8 +82,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+    if args.batch_size < 1 or (args.steps is not None and args.steps < 1) or (args.warmup or 0) < 0:
         raise UserError("--batch-size and --steps must be >= 1, --warmup >= 0")
+    if args.img_size is not None and args.img_size < 1:
+        raise UserError("--img-size must be >= 1")
+    protocol = bm.resolve_protocol(
+        args.protocol, precision=args.precision, warmup=args.warmup, steps=args.steps, train_opt=args.train_opt
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.malloc_tuned:
@@ -85,31 +106,32 @@ def run(args: argparse.Namespace) -> int:
         impls=args.impl,
         modes=args.mode,
         layouts=args.layout,
-        precision=args.precision,
         device=args.device,
         batch_size=args.batch_size,
         img_size=args.img_size,
-        warmup=args.warmup,
-        steps=args.steps,
         progress=progress_enabled(),
+        protocol=protocol,
     )
     for m in measurements:
         if m.error:
             print(f"failed: {m.model} {m.impl} {m.mode} {m.layout}: {m.error}", file=sys.stderr)
     baseline = args.baseline or f"{args.models[0]}:{args.impl[0]}"
-    rows = bm.summarize(measurements, baseline, img_size=args.img_size)
+    rows = bm.summarize(measurements, baseline)
     env = bm.environment()
     device = env.get("gpu") if bm.resolve_device(args.device).type == "cuda" else env["cpu"]
     malloc = "; malloc tuned" if args.malloc_tuned else ""
-    print(f"{device}; torch {env['torch']}{malloc}; {args.precision}; batch {args.batch_size} (halved on OOM); "
-          f"{args.img_size}px; median of {args.steps} steps after {args.warmup} warm-up\n")  # fmt: skip
+    sizes = sorted({m.img_size for m in measurements})
+    changed = [k for k in ("precision", "warmup", "steps", "train_opt") if getattr(args, k) is not None]
+    print(f"{device}; torch {env['torch']}{malloc}; batch {args.batch_size}; {'/'.join(map(str, sizes))}px")
+    print(bm.describe_protocol(protocol, changed) + "\n")
     print(bm.format_table(rows, baseline))
     print(f"ratios relative to {baseline}")
     if args.csv:
         print(f"raw measurements: {bm.write_csv(measurements, args.csv)}")
     if args.json:
-        print(f"JSON: {bm.write_json(measurements, rows, args.json, baseline=baseline, precision=args.precision)}")
+        extra = dict(baseline=baseline, precision=protocol.precision, protocol=asdict(protocol))
+        print(f"JSON: {bm.write_json(measurements, rows, args.json, **extra)}")
     if args.plot:
-        title = f"{device}, {args.precision}, batch {args.batch_size}, {'/'.join(args.impl)}, best layout"
+        title = f"{device}, {protocol.precision}, batch {args.batch_size}, {'/'.join(args.impl)}, best layout"
         print(f"plot: {bm.plot_figure1(rows, args.plot, mode=args.plot_mode, title=title)}")
     return 0 if all(m.img_per_s is not None for m in measurements) else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections import Counter
 
 from .options import progress_enabled
 
@@ -30,14 +31,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..inference import find_images, load_model
+    from ..errors import ConfigError
+    from ..inference import find_images, load_model, unique_names
     from ..tools.cam import cam_grid
 
-    models = []
-    for spec in args.model:
-        name, _, ckpt = spec.partition("=")
-        loaded = load_model(name or None, ckpt or None, pretrained=args.pretrained and not ckpt, use_ema=args.use_ema)
-        models.append((loaded.name, loaded))
+    specs = [spec.partition("=")[::2] for spec in args.model]
+    if args.use_ema and not any(ckpt for _, ckpt in specs):
+        raise ConfigError("--use-ema takes the EMA weights of a checkpoint: give one (--model NAME=CHECKPOINT)")
+    loaded = [
+        load_model(name or None, ckpt or None, pretrained=args.pretrained and not ckpt, use_ema=args.use_ema)
+        if ckpt
+        else load_model(name or None, pretrained=args.pretrained)
+        for name, ckpt in specs
+    ]
+    # a column per model, titled by its name, and by its checkpoint where several share a name
+    ckpt_names = dict(zip(range(len(specs)), unique_names([ckpt or "weights" for _, ckpt in specs])))
+    counts = Counter(m.name for m in loaded)
+    models = [
+        (m.name if counts[m.name] == 1 else f"{m.name} ({ckpt_names[i] if specs[i][1] else m.weights})", m)
+        for i, m in enumerate(loaded)
+    ]
     images, problems = find_images(args.images)
     grid, overlays, more = cam_grid(images, models, args.output, method=args.method, target_class=args.target_class,
                                     layer=args.layer, progress=progress_enabled())  # fmt: skip

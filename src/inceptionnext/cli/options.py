@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -19,6 +20,12 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model name (this package's, timm's, hf-hub:..., local-dir:...)")
     parser.add_argument("--pretrained", action="store_true", help="released weights of --model")
     parser.add_argument("--use-ema", action="store_true", help="EMA weights of a training checkpoint")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="class count of a --checkpoint that does not carry its class names (the outputs are class indices)",
+    )
 
 
 def require_model_source(args: argparse.Namespace) -> None:
@@ -31,7 +38,9 @@ def load_model_from_args(args: argparse.Namespace):
     from ..inference import load_model
 
     require_model_source(args)
-    return load_model(args.model, args.checkpoint, pretrained=args.pretrained, use_ema=args.use_ema)
+    return load_model(
+        args.model, args.checkpoint, pretrained=args.pretrained, use_ema=args.use_ema, num_classes=args.num_classes
+    )
 
 
 def add_run_config(parser: argparse.ArgumentParser, config_cls: type, recipes: list[str]) -> None:
@@ -64,11 +73,33 @@ def resolve_run_config(
     if args.recipe and args.config:
         raise UserError("give --recipe or --config, not both")
     overrides = overrides_from_args(args, config_cls)
-    recipe = args.recipe or args.config
+    # --config is always a file; --recipe NAME a packaged recipe (a path, or a name ending .yaml, is a file)
+    recipe = args.recipe or (Path(args.config) if args.config else None)
     if recipe is None and overrides.get("data") is None:
         recipe = default_recipe
         print(f"no --data and no --recipe: {default_note}", file=sys.stderr)
     return resolve(recipe, overrides)
+
+
+def run_training(
+    args: argparse.Namespace, cfg: Any, train: Callable[..., dict[str, Any]], result: Callable[[dict[str, Any]], str]
+) -> int:
+    """``--dry-run`` prints the resolved config and writes nothing; otherwise train (resuming ``--resume`` or the
+    output folder's ``last.pth``). A NaN/inf loss is a failed run (exit 1); rank 0 prints ``result(summary)``."""
+    from ..engine import NonFiniteLossError
+    from ..engine.config import dry_run_text
+
+    if args.dry_run:
+        print(dry_run_text(cfg), end="")
+        return 0
+    try:
+        summary = train(cfg, resume=args.resume)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if is_main_process():
+        print(result(summary))
+    return 0
 
 
 def is_main_process() -> bool:
@@ -77,4 +108,16 @@ def is_main_process() -> bool:
 
 
 def progress_enabled() -> bool:
-    return sys.stderr.isatty()
+    """Progress bars on a terminal, unless ``INCEPTIONNEXT_NO_PROGRESS`` is set (as training reads it)."""
+    return sys.stderr.isatty() and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts that must be at least 1 (``--topk``, ``--batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
-from .options import add_model_source, load_model_from_args, progress_enabled
+from .options import add_model_source, load_model_from_args, positive_int, progress_enabled
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("predict", help="top-k classes of images or folders of images")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     add_model_source(p)
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--topk", type=positive_int, default=5)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--output", default=None, help="also write the JSON report to this file")
     p.add_argument("--onnx", default=None, metavar="FILE", help="run an exported .onnx file with onnxruntime instead")
@@ -26,8 +26,11 @@ def _load_onnx(args: argparse.Namespace):
     """The exported file behind the torch ``predict`` interface (preprocessing from its metadata)."""
     from ..serve import load_onnx_model
 
-    if args.model or args.checkpoint or args.pretrained:
-        raise UserError("--onnx replaces --model/--checkpoint/--pretrained: the file carries model and preprocessing")
+    if args.model or args.checkpoint or args.pretrained or args.use_ema or args.num_classes is not None:
+        raise UserError(
+            "--onnx replaces --model/--checkpoint/--pretrained/--use-ema/--num-classes: the file carries model, "
+            "weights and preprocessing"
+        )
     return load_onnx_model(args.onnx)
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .options import add_run_config, is_main_process, progress_enabled, resolve_run_config
+from .options import add_run_config, progress_enabled, resolve_run_config, run_training
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,31 +34,30 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q = seg.add_parser("benchmark", help="params, MACs and FPS as Tables 6 and 7 measure them")
     q.add_argument("--head", choices=HEADS, action="append", help="default: both")
     q.add_argument("--backbone", action="append", help="default: inceptionnext_tiny, _small, _base")
-    q.add_argument("--runs", type=int, default=3)
+    q.add_argument(
+        "--data", default=None, help="ADEChallengeData2016 root: FPS over its val images resized to fit 2048x512"
+    )
+    q.add_argument("--size", default=None, help="synthetic FPS image HxW without --data (default 512x683)")
+    q.add_argument("--runs", type=int, default=None, help="timed images (default: mmseg's 195)")
+    q.add_argument("--warmup", type=int, default=None, help="untimed images first (default: mmseg's 5)")
+    q.add_argument("--mode", choices=EVAL_MODES, default="whole", help="whole image (default) or sliding windows")
     q.add_argument("--no-fps", action="store_true", help="only params and MACs (meta device, instant)")
     return p
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..engine import NonFiniteLossError
-    from ..engine.config import dry_run_text
     from ..segmentation.config import SegConfig, resolve_seg_config
     from ..segmentation.engine import train_segmentation
 
     cfg = resolve_run_config(
         args, SegConfig, resolve_seg_config, "textures", "the 'textures' recipe on the embedded texture mosaics"
     )
-    if args.dry_run:
-        print(dry_run_text(cfg), end="")
-        return 0
-    try:
-        summary = train_segmentation(cfg, resume=args.resume)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if is_main_process():
-        print(f"best mIoU {summary['best']['mIoU']:.2f}% at step {summary['best']['step']}; outputs in {cfg.output}")
-    return 0
+    return run_training(
+        args,
+        cfg,
+        train_segmentation,
+        lambda s: f"best mIoU {s['best']['mIoU']:.2f}% at step {s['best']['step']}; outputs in {s['output']}",
+    )
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -111,28 +110,53 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.strip().isdigit() and w.strip().isdigit()) or int(h) < 1 or int(w) < 1:
+        raise UserError(f"--size takes HxW, e.g. 512x683, got {text!r}")
+    return int(h), int(w)
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from ..segmentation.config import HEADS
-    from ..segmentation.tools import benchmark_segmentor
+    from ..segmentation.tools import SEG_FPS_IMAGES, SEG_FPS_WARMUP, benchmark_segmentor
 
     heads = args.head or list(HEADS)
     backbones = args.backbone or ["inceptionnext_tiny", "inceptionnext_small", "inceptionnext_base"]
+    size = _parse_size(args.size)
+    if args.data is not None and size is not None:
+        raise UserError("--size is the synthetic image's; with --data the images keep their own sizes")
+    if (args.runs is not None and args.runs < 1) or (args.warmup is not None and args.warmup < 0):
+        raise UserError("--runs must be >= 1 and --warmup >= 0")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise UserError(f"--data {args.data} is not a folder (an ADEChallengeData2016 root)")
     print(
         f"{'segmentor':34s} {'params (M)':>10s} {'paper':>6s} {'MACs (G)':>9s} {'paper':>6s} {'input':>9s} "
         f"{'FPS':>7s} {'paper FPS (2080Ti)':>18s}"
     )
+    sources = set()
     for head in heads:
         for backbone in backbones:
-            r = benchmark_segmentor(head, backbone, runs=args.runs, warmup=1, fps=not args.no_fps)
+            r = benchmark_segmentor(
+                head, backbone, runs=args.runs, warmup=args.warmup, fps=not args.no_fps, data=args.data, size=size,
+                mode=args.mode,
+            )  # fmt: skip
             p = r["paper"]
             fps = f"{r['fps']:.2f}" if r.get("fps") else "-"
+            if r.get("fps"):
+                sources.add((r["fps_input"], r["fps_images"], r["fps_warmup"], r["device"]))
             print(
                 f"{head + ' + ' + backbone:34s} {r['params_m']:10.2f} {p.get('params_m', '-'):>6s} "
                 f"{r['macs_g']:9.1f} {p.get('macs_g', '-'):>6s} {r['mac_input']:>9s} {fps:>7s} "
                 f"{p.get('fps', '-')!s:>18s}"
             )
-    if not args.no_fps:
-        print("FPS: batch 1, 512x2048, whole image, median of timed runs on this machine's device")
+    for source, images, warmup, device in sorted(sources):
+        print(
+            f"FPS as mmseg's benchmark measures it: batch 1, {args.mode} image, {warmup} warm-up + {images} timed "
+            f"images (mmseg: {SEG_FPS_WARMUP} + {SEG_FPS_IMAGES}), images / total time, on {device}; images: {source}"
+        )
     return 0
 
 

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .options import add_run_config, is_main_process, resolve_run_config
+from .options import add_run_config, resolve_run_config, run_training
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -21,24 +20,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine import NonFiniteLossError, resolve_config, train
-    from ..engine.config import TrainConfig, dry_run_text
+    from ..engine import resolve_config, train
+    from ..engine.config import TrainConfig
 
     cfg = resolve_run_config(
         args, TrainConfig, resolve_config, "digits", "training with the 'digits' recipe on the embedded digits set"
     )
-    if args.dry_run:
-        print(dry_run_text(cfg), end="")
-        return 0
-    try:
-        summary = train(cfg, resume=args.resume)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if is_main_process():
-        best = summary["best"]
-        print(
-            f"best top-1 {best['top1']:.2f}% ({best['which']} weights, epoch {best['epoch']}); "
-            f"outputs in {summary['output']}"
-        )
-    return 0
+    return run_training(args, cfg, train, _result)
+
+
+def _result(summary: dict) -> str:
+    best = summary["best"]
+    return (
+        f"best top-1 {best['top1']:.2f}% ({best['which']} weights, epoch {best['epoch']}); "
+        f"outputs in {summary['output']}"
+    )

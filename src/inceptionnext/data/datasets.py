@@ -1,5 +1,7 @@
 """Datasets: ImageFolder (ImageNet layout) with clear errors, the embedded digits set, and per-sample seeding.
 
+Images are read by :func:`inceptionnext.data.images.read_image`, the reader of ``predict`` as well.
+
 Augmentation randomness is seeded per sample from (seed, epoch, index) instead of drawn from the process RNG, so
 a run gives the same batches whatever the number of processes and loader workers, and a resumed run replays an
 epoch exactly.
@@ -9,24 +11,41 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from ..errors import UserError
+from .images import ImageError, read_image
 
-__all__ = ["DataError", "DigitsDataset", "ImageFolderDataset", "SeededTransform", "build_dataset"]
+__all__ = [
+    "DataError",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "SeededTransform",
+    "UnreadableImage",
+    "build_dataset",
+    "collate_readable",
+    "ReadableBatches",
+]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataError(UserError, RuntimeError):
     """A data directory that cannot be used as it is; the message says what to fix."""
+
+
+class UnreadableImage(NamedTuple):
+    """What an evaluation dataset gives in place of an image it cannot read (see :func:`collate_readable`)."""
+
+    path: str
+    reason: str
 
 
 class DigitsDataset(Dataset):
@@ -74,22 +93,36 @@ class DigitsDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>`` (ImageNet's layout), checked up front.
+    """``root/<class>/<image>`` (ImageNet's layout), checked up front; images read by :func:`.images.read_image`.
 
-    Unreadable images (corrupt, truncated, not images) are skipped and counted: the sample is replaced by the next
-    readable one, and the path is appended to ``skip_log`` (one line per skipped read), so a single bad JPEG does not
-    end a long run. A missing or empty directory, or a class folder with no images, is an error at start-up.
+    Unreadable images (corrupt, truncated, not images) never end a long run; ``unreadable`` says what takes their
+    place, and each skipped read is appended to ``skip_log`` (one line per read):
+
+    * ``"next"`` (training): the next readable image in file order, with its own label, so every batch stays full.
+      Where a whole class turns out unreadable, :class:`DataError` names it (the run would silently learn one class
+      less). Each loader process remembers which files failed and where their run of failures ends, so the files of
+      a broken folder are read once, not once per sample that walks past them (that walk was quadratic).
+    * ``"skip"`` (evaluation): ``(UnreadableImage(path, reason), target)``; :func:`collate_readable` drops it from
+      the batch, so an accuracy is computed over the readable images only, each counted once.
+
+    A missing or empty directory, or a class folder with no images, is an error at start-up.
     """
 
-    def __init__(self, root: str | os.PathLike, skip_log: str | os.PathLike | None = None) -> None:
+    def __init__(
+        self, root: str | os.PathLike, skip_log: str | os.PathLike | None = None, unreadable: str = "next"
+    ) -> None:
+        if unreadable not in ("next", "skip"):
+            raise ValueError(f"unreadable must be 'next' or 'skip', got {unreadable!r}")
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"data directory not found: {root}")
         class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         if not class_dirs:
             raise DataError(f"{root} has no class folders; expected {root}/<class>/<image> (ImageFolder layout)")
+        self.root = root
         self.classes = [d.name for d in class_dirs]
         self.samples: list[tuple[str, int]] = []
+        self.class_ranges: list[tuple[int, int]] = []  # samples are grouped by class: [start, end) of each
         empty = []
         for label, d in enumerate(class_dirs):
             files = sorted(
@@ -100,6 +133,7 @@ class ImageFolderDataset(Dataset):
             )
             if not files:
                 empty.append(d.name)
+            self.class_ranges.append((len(self.samples), len(self.samples) + len(files)))
             self.samples.extend((f, label) for f in files)
         if empty:
             raise DataError(
@@ -108,27 +142,114 @@ class ImageFolderDataset(Dataset):
             )
         self.targets = [t for _, t in self.samples]
         self.skip_log = Path(skip_log) if skip_log else None
+        self.unreadable = unreadable
         self.transform: Callable | None = None
+        # per loader process: unreadable index -> where the walk past it ended; classes seen with a readable image
+        self._jump: dict[int, int] = {}
+        self._readable_classes: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
+    def _read(self, j: int) -> Image.Image | UnreadableImage:
+        path = self.samples[j][0]
+        try:
+            img = read_image(path)
+        except ImageError as e:
+            cause = e.__cause__ or e
+            reason = f"{type(cause).__name__}: {cause}"
+            if self.skip_log is not None:
+                with open(self.skip_log, "a") as f:
+                    f.write(f"{path}\t{reason}\n")
+            return UnreadableImage(path, reason)
+        self._readable_classes.add(self.samples[j][1])
+        return img
+
+    def _first_readable(self, index: int) -> tuple[Image.Image, int]:
+        """The first readable image at or after ``index`` (cyclically) and its index."""
+        n = len(self.samples)
+        walked: list[int] = []
+        j, distance = index, 0
+        while distance < n:
+            if j in self._jump:  # known unreadable: go straight to where the last walk from here ended
+                step = (self._jump[j] - j) % n or n
+                walked.append(j)
+                j, distance = (j + step) % n, distance + step
+                continue
+            img = self._read(j)
+            if not isinstance(img, UnreadableImage):
+                for k in walked:
+                    self._jump[k] = j
+                self._check_classes(index, j)
+                return img, j
+            walked.append(j)
+            self._jump[j] = (j + 1) % n
+            j, distance = (j + 1) % n, distance + 1
+        raise DataError(f"{self.root}: none of the {n} image files is readable")
+
+    def _check_classes(self, start: int, found: int) -> None:
+        """A walk from ``start`` to ``found`` crossed the classes in between: is any of them wholly unreadable?"""
+        first, last = self.samples[start][1], self.samples[found][1]
+        crossed = range(first, last) if first <= last else [*range(first, len(self.classes)), *range(0, last)]
+        for c in crossed:
+            if c in self._readable_classes:
+                continue
+            lo, hi = self.class_ranges[c]
+            # the walk covered the class from ``start`` (or its beginning) to its end: read what lies before
+            before = [k for k in range(lo, start if c == first else lo) if k not in self._jump]
+            if all(isinstance(self._read(k), UnreadableImage) for k in before):
+                raise DataError(
+                    f"{self.root}: no image of class {self.classes[c]!r} is readable ({hi - lo} files, e.g. "
+                    f"{self.samples[lo][0]}); fix or remove the folder"
+                    + (f" (every failed read is listed in {self.skip_log})" if self.skip_log else "")
+                )
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        # the label follows the image actually read (a skipped file is replaced by the next one)
-        for attempt in range(len(self.samples)):
-            j = (index + attempt) % len(self.samples)
-            path, target = self.samples[j]
-            try:
-                with Image.open(path) as im:
-                    img = im.convert("RGB")
-                break
-            except (OSError, ValueError, Image.DecompressionBombError) as e:
-                if self.skip_log is not None:
-                    with open(self.skip_log, "a") as f:
-                        f.write(f"{path}\t{type(e).__name__}: {e}\n")
-        else:
-            raise DataError(f"no readable image among {len(self.samples)} files")
-        return (self.transform(img) if self.transform else img), target
+        if self.unreadable == "skip":
+            img = self._read(index)
+            if isinstance(img, UnreadableImage):
+                return img, self.samples[index][1]
+        else:  # the label follows the image actually read
+            img, index = self._first_readable(index)
+        return (self.transform(img) if self.transform else img), self.samples[index][1]
+
+
+def collate_readable(batch: list[tuple[Any, int]]) -> tuple[Any, Any, list[UnreadableImage]]:
+    """Collate for an :class:`ImageFolderDataset` with ``unreadable="skip"``: ``(images, targets, skipped)``, with
+    ``(None, None, skipped)`` for a batch of which no image was readable."""
+    skipped = [x for x, _ in batch if isinstance(x, UnreadableImage)]
+    kept = [(x, y) for x, y in batch if not isinstance(x, UnreadableImage)]
+    if not kept:
+        return None, None, skipped
+    x, y = default_collate(kept)
+    return x, y, skipped
+
+
+class ReadableBatches:
+    """The (images, targets) batches of a loader built with :func:`collate_readable`, less the
+    batches of which nothing was readable; collects the files left out."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader = loader
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, skipped in self.loader:
+            self.skipped += [s.path for s in skipped]
+            if x is not None:
+                yield x, y
+
+    def all_skipped(self) -> list[str]:
+        """The files left out by every process, sorted."""
+        mine = self.skipped
+        if torch.distributed.is_initialized():
+            parts: list[list[str]] = [[] for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather_object(parts, mine)
+            mine = [p for part in parts for p in part]
+        return sorted(mine)
 
 
 class SeededTransform(Dataset):
@@ -152,6 +273,8 @@ class SeededTransform(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         img, target = self.dataset[index]
+        if isinstance(img, UnreadableImage):  # left out of the batch by collate_readable
+            return img, target
         sample_seed = hash((self.seed, self.epoch, index)) & 0xFFFF_FFFF
         py_state, np_state = random.getstate(), np.random.get_state()
         random.seed(sample_seed)
@@ -166,8 +289,11 @@ class SeededTransform(Dataset):
         return out, target
 
 
-def build_dataset(data: str | None, split: str, img_size: int, skip_log: str | os.PathLike | None = None) -> Dataset:
-    """``data=None``: the embedded digits set; otherwise ``data/<split>`` in the ImageFolder layout."""
+def build_dataset(
+    data: str | None, split: str, img_size: int, skip_log: str | os.PathLike | None = None, unreadable: str = "next"
+) -> Dataset:
+    """``data=None``: the embedded digits set; otherwise ``data/<split>`` in the ImageFolder layout (``unreadable``:
+    see :class:`ImageFolderDataset`)."""
     if data is None:
         return DigitsDataset(split, size=img_size)
     root = Path(data)
@@ -175,4 +301,4 @@ def build_dataset(data: str | None, split: str, img_size: int, skip_log: str | o
         raise DataError(f"data directory not found: {root} (expected {root}/train/<class>/... and {root}/val/...)")
     if not (root / split).is_dir():
         raise DataError(f"{root} has no {split}/ folder; expected {root}/train/<class>/... and {root}/val/<class>/...")
-    return ImageFolderDataset(root / split, skip_log=skip_log)
+    return ImageFolderDataset(root / split, skip_log=skip_log, unreadable=unreadable)

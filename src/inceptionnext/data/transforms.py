@@ -52,9 +52,9 @@ def build_transform(cfg: AugmentSettings, model_cfg: Mapping[str, Any], is_train
         scale=tuple(cfg.scale),
         ratio=tuple(cfg.ratio),
         hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter,
+        color_jitter=cfg.color_jitter,  # timm applies it only when auto_augment is off, as in the official runs
         auto_augment=cfg.aa,
-        interpolation=cfg.train_interpolation,
+        interpolation=cfg.train_interpolation,  # "random": bilinear or bicubic per crop (the official default)
         mean=pre["mean"],
         std=pre["std"],
         re_prob=cfg.reprob,

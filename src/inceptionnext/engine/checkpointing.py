@@ -6,10 +6,12 @@ epoch/step, RNG states, config); :class:`~inceptionnext.engine.run.TrainingRun` 
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import random
-import tempfile
-from collections.abc import Iterable, Mapping
+import secrets
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,28 +21,89 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, read_checkpoint
 
-__all__ = ["atomic_save", "capture_rng", "load_exact", "read_training_checkpoint", "restore_rng"]
+__all__ = [
+    "CheckpointWriteError",
+    "atomic_save",
+    "capture_rng",
+    "load_exact",
+    "read_training_checkpoint",
+    "restore_rng",
+    "temporaries",
+]
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, quota, read-only folder); the previous file is intact."""
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, *, before_replace: Callable[[Path], None] | None = None) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``.
 
-    A crash or a full disk during the write leaves the previous file intact.
+    A crash or a full disk during the write leaves the previous file intact. The file gets the mode any other output
+    gets (``0o666`` less the umask), not ``mkstemp``'s owner-only ``0o600``. A failed write (full disk, quota, a
+    read-only or vanished folder) raises :class:`CheckpointWriteError`, a user error saying the previous file is
+    intact, instead of torch's ``enforce fail at inline_container.cc``. ``before_replace(tmp)`` runs when the data
+    is on disk and not yet renamed: the test hook of a kill during a save.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = _create_temporary(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:
+            reason = _write_failure(e)
+            if reason is None:
+                raise
+            previous = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+            raise CheckpointWriteError(f"could not write {path}: {reason}; {previous}") from e
+        if before_replace is not None:
+            before_replace(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+def _create_temporary(path: Path) -> str:
+    """A new, empty ``.NAME.XXXXXXXX.tmp`` beside ``path``, created with the umask applied (``mkstemp`` forces 0600)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
+def temporaries(folder: str | os.PathLike, name: str) -> list[Path]:
+    """The temporary files that :func:`atomic_save` of ``folder/name`` leaves when the process is killed mid-write."""
+    return sorted(Path(folder).glob(f".{glob.escape(name)}.*.tmp"))
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """Why a write failed, in words, when it is the file system's doing (else None: a bug keeps its traceback).
+
+    torch reports a failed write of its zip container as ``RuntimeError: [enforce fail at inline_container.cc]``,
+    with the ``OSError`` of the file object (if any) as the context.
+    """
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno is not None:
+            if err.errno in _DISK_FULL:
+                return f"the disk is full ({err.strerror})"
+            return f"{err.strerror or err}"
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "PytorchStreamWriter" in str(e)):
+        return f"the write failed, most likely because the disk is full ({str(e).strip()})"
+    return None
 
 
 def capture_rng() -> dict[str, Any]:

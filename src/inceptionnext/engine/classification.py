@@ -6,7 +6,9 @@ Checkpoints, resume, DDP/AMP, the NaN policy, metrics and curves come from :clas
 
 from __future__ import annotations
 
+import inspect
 import os
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -15,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
@@ -23,12 +24,21 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError
-from ..data import DataError, SeededTransform, build_dataset, build_transform, eval_preprocessing
+from ..data import (
+    DataError,
+    ReadableBatches,
+    SeededTransform,
+    build_dataset,
+    build_transform,
+    collate_readable,
+    eval_preprocessing,
+)
 from ..errors import ConfigError
-from ..models import is_model
+from ..models import get_entry, is_model
 from ..models.factory import create_any_model
+from ..models.metanext import MetaNeXt
 from .config import TrainConfig
-from .optim import build_optimizer
+from .optim import build_optimizer, build_scheduler
 from .run import TrainingRun, launch
 from .runtime import ShardSampler, autocast
 
@@ -72,17 +82,49 @@ def evaluate(
     return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "count": int(n)}
 
 
+# the model argument each config key sets
+_MODEL_ARGS = {"drop_path_rate": "drop_path", "drop_rate": "drop", "ls_init_value": "ls_init_value"}
+
+
+def _check_model_options(cfg: TrainConfig) -> None:
+    """A recipe value applies only where the model defines the option: ``model_kwargs`` must be arguments of
+    :class:`MetaNeXt`, and ``ls_init_value`` may set the init of a model's LayerScale but not add LayerScale to a
+    model built without it (``convnext_small_iso``): that would silently train another model."""
+    accepted = set(inspect.signature(MetaNeXt).parameters) | {"fused_mixer"}  # create_model's build option
+    unknown = sorted(set(cfg.model_kwargs) - accepted)
+    if unknown:
+        raise ConfigError(f"model_kwargs {unknown}: not arguments of {cfg.model} (MetaNeXt takes {sorted(accepted)})")
+    if cfg.ls_init_value is None:
+        return
+    arch = {**get_entry(cfg.model).arch_kwargs(), **cfg.model_kwargs}
+    if not arch.get("ls_init_value", inspect.signature(MetaNeXt).parameters["ls_init_value"].default):
+        raise ConfigError(
+            f"ls_init_value: {cfg.model} has no LayerScale, and ls_init_value {cfg.ls_init_value:g} would add it "
+            "and train another model; set ls_init_value: null (--ls-init-value none) to keep the model as defined"
+        )
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The model of ``cfg``; an option the model does not define is a :class:`ConfigError` naming the key."""
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
     kwargs.update(num_classes=num_classes, drop_path_rate=cfg.drop_path, drop_rate=cfg.drop)
-    if cfg.ls_init_value is not None and is_model(cfg.model):  # timm peers have no LayerScale argument
+    if cfg.ls_init_value is not None:
         kwargs["ls_init_value"] = cfg.ls_init_value
-    return create_any_model(
-        cfg.model,
-        pretrained=cfg.pretrained and not cfg.initial_checkpoint,
-        checkpoint_path=cfg.initial_checkpoint,
-        **kwargs,
-    )
+    if is_model(cfg.model):
+        _check_model_options(cfg)
+    try:
+        return create_any_model(
+            cfg.model,
+            pretrained=cfg.pretrained and not cfg.initial_checkpoint,
+            checkpoint_path=cfg.initial_checkpoint,
+            **kwargs,
+        )
+    except TypeError as e:  # a timm model without one of the arguments
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        if bad is None or bad.group(1) not in kwargs:
+            raise
+        key = _MODEL_ARGS.get(bad.group(1), f"model_kwargs.{bad.group(1)}")
+        raise ConfigError(f"{key}: the model {cfg.model} has no {bad.group(1)!r} argument; leave {key} unset") from e
 
 
 class ClassificationRun(TrainingRun):
@@ -97,15 +139,34 @@ class ClassificationRun(TrainingRun):
     best_key = "top1"
     checkpoint_keys = ("epoch", "class_names")
     nan_advice = "Lower the learning rate (--lr), set --clip-grad, or use --amp fp32/bf16 instead of fp16."
+    runtime_keys = (*TrainingRun.runtime_keys, "compile", "channels_last", "grad_checkpointing")
+    new_run_advice = "start a new run in another --output, with --initial-checkpoint {source} to start from its weights"
 
     def initial_best(self) -> dict[str, Any]:
         return {"top1": -1.0, "epoch": -1, "which": "raw"}
 
+    @property
+    def num_epochs(self) -> int:
+        return self.cfg.total_epochs()
+
     def build(self) -> None:
         cfg, dist = self.cfg, self.dist
+        resuming = self.resume_from is not None or (self.out / "last.pth").exists()
+        if cfg.finetune and not (cfg.initial_checkpoint or cfg.pretrained or resuming):
+            name = f"recipe {cfg.recipe}" if cfg.recipe else "this config"
+            raise ConfigError(
+                f"{name} fine-tunes a trained model and no starting weights were given: pass --initial-checkpoint "
+                f"FILE (the official fine-tune starts from the 224 model, e.g. inceptionnext_base.pth) or "
+                f"--pretrained (the released weights of {cfg.model}); --no-finetune trains from scratch on purpose"
+            )
+        if dist.device.type == "cuda":
+            # the paper's A100 runs: fp32 with TF32 matmuls and convolutions; off, strict fp32
+            torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
+            torch.backends.cudnn.allow_tf32 = cfg.tf32
         skip_log = self.out / "skipped_images.txt"  # appended to only when an unreadable image is met
         train_base = build_dataset(cfg.data, "train", cfg.img_size, skip_log=skip_log)
-        val_base = build_dataset(cfg.data, "val", cfg.img_size, skip_log=skip_log)
+        # an unreadable val image is left out, not replaced by the next one: no accuracy over duplicates
+        val_base = build_dataset(cfg.data, "val", cfg.img_size, skip_log=skip_log, unreadable="skip")
         self.class_names = list(train_base.classes)
         if list(val_base.classes) != self.class_names:
             raise DataError(
@@ -123,11 +184,14 @@ class ClassificationRun(TrainingRun):
         self.train_loader = DataLoader(
             self.train_set, cfg.batch_size, sampler=self.sampler, drop_last=True, **loader_kw
         )
-        self.val_loader = DataLoader(
-            self.val_set,
-            cfg.batch_size,
-            sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
-            **loader_kw,
+        self.val_loader = ReadableBatches(
+            DataLoader(
+                self.val_set,
+                cfg.batch_size,
+                sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
+                collate_fn=collate_readable,
+                **loader_kw,
+            )
         )
         if len(self.train_loader) < cfg.grad_accum_steps:
             raise ConfigError(
@@ -151,16 +215,16 @@ class ClassificationRun(TrainingRun):
         self.optimizer = build_optimizer(
             model, self.lr, opt=cfg.opt, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=cfg.opt_betas
         )
-        if cfg.sched == "cosine":
-            self.scheduler = CosineLRScheduler(
-                self.optimizer,
-                t_initial=cfg.epochs * self.updates_per_epoch,
-                lr_min=cfg.min_lr,
-                warmup_t=round(cfg.warmup_epochs * self.updates_per_epoch),
-                warmup_lr_init=cfg.warmup_lr,
-                warmup_prefix=True,
-                t_in_epochs=False,
-            )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            sched=cfg.sched,
+            sched_on=cfg.sched_on,
+            epochs=cfg.epochs,
+            warmup_epochs=cfg.warmup_epochs,
+            updates_per_epoch=self.updates_per_epoch,
+            min_lr=cfg.min_lr,
+            warmup_lr=cfg.warmup_lr,
+        )
         self.clip_grad = cfg.clip_grad
 
         self.mixup = None
@@ -211,20 +275,22 @@ class ClassificationRun(TrainingRun):
             f"{len(self.class_names)} classes; effective batch {cfg.effective_batch(world)} "
             f"({world} proc x {cfg.batch_size} x {cfg.grad_accum_steps} accum); lr {cfg.lr:g} for "
             f"batch {cfg.lr_base_batch} scaled to {self.lr:.4g}; device {self.dist.device}, "
-            f"amp {self.amp_dtype or 'fp32'}"
+            f"amp {self.amp_dtype or 'fp32'}{' (TF32 allowed)' if cfg.tf32 and self.dist.device.type == 'cuda' else ''}"
         )
 
     # ------------------------------------------------------------------------------------------------ loops
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.dist.device
         self.ddp.train()
+        if self.scheduler is not None and cfg.sched_on == "epoch":
+            self.scheduler.step(epoch)  # the lr of this epoch, as timm's train.py sets it (also right after a resume)
         self.sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
         accum = cfg.grad_accum_steps
         n_micro = self.updates_per_epoch * accum
         seen, t0 = 0, time.perf_counter()
         bar = self.progress_bar(
-            total=self.updates_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False
+            total=self.updates_per_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}", unit="step", leave=False
         )
         data_iter = iter(self.train_loader)
         for micro in range(n_micro):
@@ -277,7 +343,7 @@ class ClassificationRun(TrainingRun):
     def epoch_message(self, row: dict[str, Any]) -> str:
         ema_txt = f", EMA top-1 {row['ema_top1']:.2f}" if "ema_top1" in row else ""
         return (
-            f"epoch {row['epoch']}/{self.cfg.epochs}: train loss {row['train_loss']:.4f}, val loss "
+            f"epoch {row['epoch']}/{self.num_epochs}: train loss {row['train_loss']:.4f}, val loss "
             f"{row['val_loss']:.4f}, top-1 {row['val_top1']:.2f}, top-5 {row['val_top5']:.2f}{ema_txt}, "
             f"{row['img_per_s']:.0f} img/s, {row['epoch_time_s']:.1f}s"
         )

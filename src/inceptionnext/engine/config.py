@@ -20,10 +20,13 @@ from ..errors import ConfigError
 __all__ = [
     "AMP_MODES",
     "SCHEDULES",
+    "SCHED_ON",
     "TrainConfig",
     "add_config_arguments",
     "check_choice",
     "check_positive",
+    "check_range",
+    "coerce_types",
     "config_field",
     "dry_run_text",
     "git_revision",
@@ -37,6 +40,8 @@ __all__ = [
 AMP_MODES = ("auto", "bf16", "fp16", "fp32")
 #: learning-rate schedules: cosine with linear warm-up, or none (constant)
 SCHEDULES = ("cosine", "none")
+#: when the schedule moves: after every optimizer update, or once per epoch (timm 0.6.11, the official train.py)
+SCHED_ON = ("step", "epoch")
 
 
 def config_field(default: Any, help: str, *, choices: Sequence[str] | None = None, cli: bool = True) -> Any:  # noqa: A002
@@ -64,20 +69,29 @@ class TrainConfig:
     img_size: int = _f(224, "training and evaluation resolution")
     drop_path: float = _f(0.1, "peak stochastic depth rate (Table 9)")
     drop: float = _f(0.0, "dropout before the classifier (Table 9)")
-    ls_init_value: float | None = _f(1e-6, "LayerScale init; null keeps the model's")
+    ls_init_value: float | None = _f(
+        None, "LayerScale init, only for a model that has LayerScale (else an error); null keeps the model's"
+    )
+    finetune: bool = _f(False, "a fine-tune: refuse to start without --initial-checkpoint or --pretrained")
     # data
     data: str | None = _f(None, "ImageFolder root with train/ and val/; default: the embedded digits set")
     workers: int = _f(4, "data loading processes per training process")
     # optimisation
-    epochs: int = _f(300, "training epochs")
+    epochs: int = _f(300, "epochs of warm-up + cosine decay (timm's --epochs); the run trains epochs + cooldown_epochs")
+    cooldown_epochs: int = _f(0, "epochs at min_lr after the decay (timm's --cooldown-epochs; the official runs: 10)")
     batch_size: int = _f(128, "images per process and micro-step")
     grad_accum_steps: int = _f(1, "micro-steps per optimizer step")
     lr: float = _f(4e-3, "peak learning rate for a global batch of lr_base_batch")
     lr_base_batch: int = _f(4096, "global batch the lr is given for; scaled linearly to the effective batch")
-    min_lr: float = _f(1e-6, "cosine floor")
+    min_lr: float = _f(1e-5, "cosine floor, reached at the last decay step (official train.py: 1e-5)")
     warmup_lr: float = _f(1e-6, "learning rate at the start of warm-up")
-    warmup_epochs: float = _f(20, "linear warm-up length in epochs")
+    warmup_epochs: float = _f(20, "linear warm-up length in epochs (part of epochs, as in timm)")
     sched: str = _f("cosine", "learning-rate schedule (none: constant)", choices=SCHEDULES)
+    sched_on: str = _f(
+        "step",
+        "step: lr set every optimizer update; epoch: once per epoch, as timm 0.6.11 (official)",
+        choices=SCHED_ON,
+    )
     opt: str = _f("adamw", "optimizer (timm name)")
     opt_eps: float = _f(1e-8, "Adam epsilon")
     opt_betas: list = _f([0.9, 0.999], "Adam betas")
@@ -85,7 +99,7 @@ class TrainConfig:
     clip_grad: float | None = _f(None, "clip the global gradient norm to this value")
     # augmentation and regularisation
     aa: str | None = _f("rand-m9-mstd0.5-inc1", "RandAugment policy (timm string); null disables")
-    color_jitter: float = _f(0.4, "color jitter strength")
+    color_jitter: float = _f(0.4, "color jitter strength (timm applies it only when aa is null)")
     hflip: float = _f(0.5, "horizontal flip probability")
     scale: list = _f([0.08, 1.0], "RandomResizedCrop scale range")
     ratio: list = _f([0.75, 4 / 3], "RandomResizedCrop aspect-ratio range")
@@ -94,7 +108,9 @@ class TrainConfig:
     cutmix: float = _f(1.0, "CutMix alpha (0 disables)")
     mixup_switch_prob: float = _f(0.5, "probability of CutMix instead of Mixup when both are on")
     smoothing: float = _f(0.1, "label smoothing")
-    train_interpolation: str = _f("bicubic", "resize interpolation for training crops")
+    train_interpolation: str = _f(
+        "random", "resize interpolation for training crops (random: bilinear or bicubic per image, as official)"
+    )
     crop_pct: float | None = _f(None, "eval center-crop ratio; null: the model's pretrained config")
     mean: list | None = _f(None, "normalisation mean; null: the model's pretrained config", cli=False)
     std: list | None = _f(None, "normalisation std; null: the model's pretrained config", cli=False)
@@ -103,6 +119,7 @@ class TrainConfig:
     model_ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
     # runtime
     amp: str = _f("auto", "mixed precision (auto: bf16 on CUDA when supported; CPU runs fp32)", choices=AMP_MODES)
+    tf32: bool = _f(False, "allow TF32 in CUDA matmuls and convolutions (what the paper's A100 runs used)")
     channels_last: bool = _f(False, "train in channels_last memory format")
     compile: bool = _f(False, "torch.compile the model")
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
@@ -112,6 +129,11 @@ class TrainConfig:
     log_interval: int = _f(20, "optimizer steps between loss checks and log lines")
     recipe: str | None = _f(None, "name of the recipe the run started from", cli=False)
     notes: str = _f("", "where the recipe departs from other sources", cli=False)
+
+    def total_epochs(self) -> int:
+        """Epochs the run trains: the schedule's and the cool-down at ``min_lr`` (timm: ``--epochs`` +
+        ``--cooldown-epochs``, so the official ``--epochs 300`` trains 310)."""
+        return self.epochs + self.cooldown_epochs
 
     def effective_batch(self, world_size: int) -> int:
         return world_size * self.batch_size * self.grad_accum_steps
@@ -149,26 +171,52 @@ def _read_yaml(text: str, source: str, cls: type) -> dict[str, Any]:
     return data
 
 
-def load_recipe(name_or_path: str, cls: type = TrainConfig, package: str = _PACKAGE) -> dict[str, Any]:
-    """A packaged recipe by name (``tiny``) or a YAML file by path."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+def _is_path(name_or_path: str | os.PathLike) -> bool:
+    """A path object, a name ending in .yaml/.yml or one with a directory part is a file; a bare name is a packaged
+    recipe, whatever files the current directory holds (a folder called ``tiny`` must not shadow the recipe)."""
+    if not isinstance(name_or_path, str):
+        return True
+    return Path(name_or_path).suffix in (".yaml", ".yml") or any(sep in name_or_path for sep in ("/", os.sep))
+
+
+def load_recipe(name_or_path: str | os.PathLike, cls: type = TrainConfig, package: str = _PACKAGE) -> dict[str, Any]:
+    """A packaged recipe by name (``tiny``) or a YAML file by path (``runs/my.yaml``, ``./tiny``, a ``Path``)."""
+    if _is_path(name_or_path):
+        path = Path(name_or_path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         return _read_yaml(path.read_text(), str(path), cls)
     if name_or_path not in list_recipes(package):
-        raise ConfigError(f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes(package))}")
+        hint = f"; for a file give its path (./{name_or_path}) or --config" if Path(name_or_path).exists() else ""
+        raise ConfigError(
+            f"unknown recipe {name_or_path!r}; packaged recipes: {', '.join(list_recipes(package))}{hint}"
+        )
     text = resources.files(package).joinpath(f"{name_or_path}.yaml").read_text()
     return {"recipe": name_or_path, **_read_yaml(text, f"recipe {name_or_path}", cls)}
 
 
-def resolve_config(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def resolve_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     values: dict[str, Any] = load_recipe(recipe) if recipe else {}
     values.update({k: v for k, v in (overrides or {}).items()})
-    cfg = TrainConfig(**values)
-    check_choice(cfg, "sched", "amp")
-    check_positive(cfg, "epochs", "batch_size", "grad_accum_steps", "lr_base_batch", "img_size")
+    cfg = TrainConfig(**coerce_types(TrainConfig, values))
+    check_train_config(cfg)
     return cfg
+
+
+def check_train_config(cfg: TrainConfig) -> None:
+    """Every value a run would use silently or die on later: a :class:`ConfigError` naming the key instead."""
+    check_choice(cfg, "sched", "sched_on", "amp")
+    check_positive(cfg, "epochs", "batch_size", "grad_accum_steps", "lr_base_batch", "img_size", "log_interval")
+    check_range(cfg, "lr", low=0.0, low_open=True)
+    check_range(cfg, "min_lr", "warmup_lr", "weight_decay", "opt_eps", "mixup", "cutmix", "color_jitter", low=0.0)
+    check_range(cfg, "cooldown_epochs", "workers", low=0)
+    check_range(cfg, "warmup_epochs", low=0.0)
+    check_range(cfg, "smoothing", "drop_path", "drop", low=0.0, high=1.0, high_open=True)
+    check_range(cfg, "hflip", "reprob", "mixup_switch_prob", "model_ema_decay", low=0.0, high=1.0)
+    check_range(cfg, "crop_pct", low=0.0, high=1.0, low_open=True)
+    check_range(cfg, "clip_grad", low=0.0, low_open=True)
+    if cfg.sched == "cosine" and cfg.min_lr > cfg.lr:
+        raise ConfigError(f"min_lr ({cfg.min_lr:g}) must not exceed lr ({cfg.lr:g}): the cosine would rise")
 
 
 def _one_of(choices: Sequence[str]) -> str:
@@ -189,6 +237,65 @@ def check_positive(cfg: Any, *names: str) -> None:
     for name in names:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def check_range(
+    cfg: Any,
+    *names: str,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    """Each named field lies in [low, high] (``low_open``/``high_open``: the bound excluded); ``None`` values, the
+    "unset" of optional fields, pass. Else :class:`ConfigError` with the key and the allowed range."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        bad_low = low is not None and (value <= low if low_open else value < low)
+        bad_high = high is not None and (value >= high if high_open else value > high)
+        if bad_low or bad_high:
+            lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
+            hi = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+            raise ConfigError(f"{name} must be in {lo or '(-inf'}, {hi}, got {value:g}")
+
+
+def coerce_types(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` checked against the field types of ``cls``: numbers written as strings (PyYAML reads ``1e-3``,
+    without a dot, as the string "1e-3") become numbers; anything else of the wrong type is a :class:`ConfigError`
+    naming the key, not a traceback or a silently wrong run."""
+    hints = typing.get_type_hints(cls)
+    out = dict(values)
+    for name, value in values.items():
+        if name not in hints or value is None:
+            continue
+        base, _ = _arg_type(hints[name])
+        if base is str and isinstance(value, os.PathLike):
+            out[name] = value = os.fspath(value)
+        if base is float and isinstance(value, str):
+            try:
+                out[name] = value = float(value)
+            except ValueError:
+                raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        elif base is int and isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            out[name] = value = int(value)
+        if base is float and isinstance(value, int) and not isinstance(value, bool):
+            out[name] = value = float(value)
+        if base is int and isinstance(value, float) and value.is_integer():
+            out[name] = value = int(value)
+        ok = isinstance(value, base) and not (base in (int, float) and isinstance(value, bool))
+        if base is list and isinstance(value, list) and not all(isinstance(v, (int, float, str)) for v in value):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{name} must be {_type_name(base)}, got {value!r}")
+    return out
+
+
+def _type_name(base: type) -> str:
+    return {float: "a number", int: "an integer", bool: "true or false", str: "a string", list: "a list"}.get(
+        base, base.__name__
+    )
 
 
 def _arg_type(hint: Any):
@@ -253,7 +360,30 @@ def git_revision() -> str:
 
 
 def dry_run_text(cfg: Any) -> str:
-    """The resolved config as YAML, with the effective batch and scaled lr of this launch (``--dry-run``)."""
+    """The resolved config as YAML, with the effective batch and scaled lr of this launch (``--dry-run``), and
+    comment lines for what the values alone do not say (what is not applied, how long the run is)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     resolved = cfg.to_dict() | {"effective_batch": cfg.effective_batch(world), "scaled_lr": cfg.scaled_lr(world)}
-    return yaml.safe_dump(resolved, sort_keys=False)
+    notes = run_notes(cfg) if isinstance(cfg, TrainConfig) else []
+    return yaml.safe_dump(resolved, sort_keys=False) + "".join(f"# note: {n}\n" for n in notes)
+
+
+def run_notes(cfg: TrainConfig) -> list[str]:
+    """What a resolved config does that its values do not show."""
+    notes = []
+    if cfg.aa and cfg.color_jitter:
+        notes.append(
+            f"color_jitter {cfg.color_jitter:g} is not applied: timm's training transform uses colour jitter only "
+            f"without RandAugment (aa {cfg.aa!r}), as in the official runs"
+        )
+    if cfg.sched == "cosine":
+        unit = "epoch" if cfg.sched_on == "epoch" else "optimizer update"
+        notes.append(
+            f"trains {cfg.total_epochs()} epochs: {cfg.warmup_epochs:g} warm-up from {cfg.warmup_lr:g}, cosine to "
+            f"min_lr {cfg.min_lr:g} by epoch {cfg.epochs}, {cfg.cooldown_epochs} at min_lr; lr set every {unit}"
+        )
+    precision = {"auto": "bf16 autocast on CUDA when supported", "fp32": "fp32"}.get(cfg.amp, f"{cfg.amp} autocast")
+    notes.append(f"precision: {precision}{', TF32 allowed on CUDA' if cfg.tf32 else ''}; the CPU runs fp32")
+    if cfg.finetune and not (cfg.initial_checkpoint or cfg.pretrained):
+        notes.append("a fine-tune: training will refuse to start without --initial-checkpoint FILE or --pretrained")
+    return notes

@@ -8,13 +8,21 @@ in optimizer steps. Everything else is done here, the same way for all of them:
 * device, DDP and mixed precision (:mod:`.runtime`): :meth:`~TrainingRun.wrap`, :meth:`~TrainingRun.autocast`,
   :meth:`~TrainingRun.no_sync`, :meth:`~TrainingRun.backward` (GradScaler only for fp16);
 * :meth:`~TrainingRun.optimizer_step`: gradient clipping, the scaler, the step count, the EMA, the scheduler's
-  per-step update and the fault hook (``INCEPTIONNEXT_FAULT_AT_STEP=k`` exits hard after step k, as a kill would:
-  the resume tests use it);
+  per-step update and the fault hooks the resume tests use (:data:`FAULT_ENV`, :data:`FAULT_RANK_ENV`,
+  :data:`FAULT_SAVE_ENV`: a hard exit, or a hang, at a given step, rank or checkpoint write, as a kill would);
 * the NaN policy: :meth:`~TrainingRun.check_finite` stops with :class:`NonFiniteLossError` naming the last good
-  checkpoint, and no checkpoint is written after a non-finite loss, so that one is never overwritten;
+  checkpoint; before every save the loss, the weights (and EMA) and the evaluation are checked, so a checkpoint
+  never holds, and ``best.pth`` is never chosen by, non-finite numbers, and the last good one is never overwritten;
 * atomic ``last.pth`` / ``best.pth`` holding everything needed to continue exactly (model, EMA, optimizer,
   scheduler, scaler, epoch/step, best, RNG states, config, git revision), and resume: from ``resume=PATH`` or else
-  ``OUTPUT/last.pth``, read safely and checked against this run before anything in the output folder is written;
+  ``OUTPUT/last.pth``, read safely and checked against this run before anything in the output folder is written.
+  A resume continues the checkpoint's run: keys that define its math must equal the checkpoint's config (else
+  :class:`~inceptionnext.errors.ConfigError`), only :attr:`~TrainingRun.runtime_keys` may change. After a kill at
+  any instant the folder is consistent again on the next start: ``best.pth`` is re-written from the record when the
+  kill fell between the two writes, ``metrics.csv`` loses the rows past the resumed position, a killed write's
+  temporary file is removed;
+* under torchrun, a failure of one process while the run is being set up stops every process with its message, and
+  a process whose peers died or hang fails after ``INCEPTIONNEXT_DIST_TIMEOUT`` seconds instead of waiting forever;
 * ``metrics.csv`` (and TensorBoard) keyed on the task's :attr:`~TrainingRun.x_column`, ``curves.png`` from the
   task's :attr:`~TrainingRun.curves`, ``log.txt``, progress bars, the resolved ``config.yaml`` with the git revision,
   and ``summary.json``.
@@ -23,7 +31,9 @@ in optimizer steps. Everything else is done here, the same way for all of them:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -36,20 +46,66 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, read_checkpoint
+from ..errors import ConfigError, UserError
 from . import runtime
-from .checkpointing import atomic_save, capture_rng, load_exact, read_training_checkpoint, restore_rng
+from .checkpointing import (
+    CheckpointWriteError,
+    atomic_save,
+    capture_rng,
+    load_exact,
+    read_training_checkpoint,
+    restore_rng,
+    temporaries,
+)
 from .config import git_revision
 from .report import MetricsLog, Panel, plot_curves
-from .runtime import DistInfo, all_reduce_max, all_reduce_mean, cleanup_distributed, init_distributed, wrap_ddp
+from .runtime import (
+    DIST_TIMEOUT_ENV,
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    cleanup_distributed,
+    gather_errors,
+    init_distributed,
+    wrap_ddp,
+)
 
-__all__ = ["FAULT_ENV", "NonFiniteLossError", "RunConfig", "RunningLoss", "TrainingRun", "launch"]
+__all__ = [
+    "FAULT_ENV",
+    "FAULT_RANK_ENV",
+    "FAULT_SAVE_ENV",
+    "NonFiniteLossError",
+    "PeerFailedError",
+    "RunConfig",
+    "RunningLoss",
+    "TrainingRun",
+    "launch",
+]
 
-FAULT_ENV = "INCEPTIONNEXT_FAULT_AT_STEP"  # test hook: hard-exit (like SIGKILL) after this optimizer step
+#: test hook: after optimizer step ``k`` exit hard (status 137, no clean-up, as SIGKILL would); ``k:hang`` sleeps
+#: instead, as a process that stops answering
+FAULT_ENV = "INCEPTIONNEXT_FAULT_AT_STEP"
+#: test hook: only this rank takes :data:`FAULT_ENV`'s fault (default: every rank)
+FAULT_RANK_ENV = "INCEPTIONNEXT_FAULT_RANK"
+#: test hook: ``NAME[:k]`` exits hard during the k-th (default first) write of ``OUTPUT/NAME`` (``last.pth``,
+#: ``best.pth``), its data on disk in the temporary file and not yet renamed
+FAULT_SAVE_ENV = "INCEPTIONNEXT_FAULT_AT_SAVE"
+_CHECKPOINTS = ("last.pth", "best.pth")  # written in this order; see TrainingRun._restore_best
+_SETUP = "while setting up the run"
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped without overwriting the last good checkpoint."""
+    """The loss, the weights or an evaluation became NaN or infinite; training stopped without overwriting the last
+    good checkpoint."""
+
+
+class PeerFailedError(RuntimeError):
+    """Another process of a torchrun launch failed; this one stops too (the message is the failing one's)."""
+
+
+class PeerUserError(PeerFailedError, UserError):
+    """Another process stopped on bad input (a :class:`~inceptionnext.errors.UserError`): printed in one line."""
 
 
 class RunConfig(Protocol):
@@ -102,6 +158,12 @@ class TrainingRun:
     checkpoint_keys: ClassVar[tuple[str, ...]] = ()
     #: the advice closing a :class:`NonFiniteLossError`
     nan_advice: ClassVar[str] = "Lower the learning rate or use --amp fp32/bf16 instead of fp16."
+    #: config keys a resume may change: they decide how the run executes, not what it computes
+    runtime_keys: ClassVar[tuple[str, ...]] = ("output", "workers", "log_interval")
+    #: config keys that describe where a run came from; a resume keeps the checkpoint's
+    provenance_keys: ClassVar[tuple[str, ...]] = ("recipe", "notes")
+    #: how to train with changed keys instead of resuming (closes the :class:`~inceptionnext.errors.ConfigError`)
+    new_run_advice: ClassVar[str] = "start a new run in another --output"
 
     def __init__(self, cfg: RunConfig, dist: DistInfo, *, resume: str | os.PathLike | None = None) -> None:
         self.cfg, self.dist = cfg, dist
@@ -126,7 +188,12 @@ class TrainingRun:
         self.metrics: MetricsLog | None = None
         self.last_good: tuple[Path, str] | None = None  # (checkpoint, position) that a NaN stop points the user to
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=dist.device)
-        self._fault_step = int(os.environ.get(FAULT_ENV, "0"))
+        self._fault_step, self._fault_hang = _parse_fault_step(os.environ.get(FAULT_ENV, ""))
+        fault_rank = os.environ.get(FAULT_RANK_ENV)
+        if fault_rank is not None and int(fault_rank) != dist.rank:
+            self._fault_step = 0
+        self._fault_save = _parse_fault_save(os.environ.get(FAULT_SAVE_ENV, ""))
+        self._writes = dict.fromkeys(_CHECKPOINTS, 0)
 
     # ---------------------------------------------------------------------------------------------- task hooks
     def build(self) -> None:
@@ -165,41 +232,101 @@ class TrainingRun:
 
     def epoch_message(self, row: dict[str, Any]) -> str:
         values = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch" and isinstance(v, float))
-        return f"epoch {row['epoch']}/{self.cfg.epochs}: {values}"
+        return f"epoch {row['epoch']}/{self.num_epochs}: {values}"
+
+    @property
+    def num_epochs(self) -> int:
+        """Epochs an epoch-counted run trains (a task's config may add cool-down epochs to ``epochs``)."""
+        return self.cfg.epochs
 
     # ---------------------------------------------------------------------------------------------- life cycle
     def run(self) -> dict[str, Any]:
         """Build, resume if there is something to resume, train, and write the run's summary."""
         torch.manual_seed(self.cfg.seed)
         np.random.seed(self.cfg.seed)
-        self.build()
-        if self.model is None or self.optimizer is None:
-            raise RuntimeError(f"{type(self).__name__}.build() must register a model (self.wrap) and an optimizer")
-        source = self.resume_from
-        if source is None and (self.out / "last.pth").exists():
-            source = self.out / "last.pth"
-        ckpt = self.resume(source) if source is not None else None
+        error, ckpt, source = None, None, self.resume_from
+        try:
+            self._check_output()
+            self.build()
+            if self.model is None or self.optimizer is None:
+                raise RuntimeError(f"{type(self).__name__}.build() must register a model (self.wrap) and an optimizer")
+            if source is None and (self.out / "last.pth").exists():
+                source = self.out / "last.pth"
+            ckpt = self.resume(source) if source is not None else None
+        except Exception as e:
+            error = e
+        self._stop_if_any_failed(error, _SETUP)
         # nothing in the output folder is written before this point
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the output folder {self.out}: {e.strerror or e}") from e
+        if self.main:
+            for name in _CHECKPOINTS:  # a write killed before its rename
+                for tmp in temporaries(self.out, name):
+                    tmp.unlink(missing_ok=True)
         self.metrics = MetricsLog(self.out, enabled=self.main, x=self.x_column)
+        # rows past the checkpoint (all rows when starting afresh) belong to work that is about to be redone
+        self.metrics.truncate_after(self._x_of(ckpt) if ckpt is not None else 0)
         if ckpt is not None:
-            self.metrics.truncate_after(ckpt["epoch"] + 1 if self.x_column == "epoch" else ckpt["step"])
             done = f"{_position(ckpt.get('epoch'), self.step)} done"
             if "epoch" in ckpt:
                 done += f", step {self.step}"
             self.log(f"resumed from {source} ({done})")
+            if self.main:
+                self._restore_best(ckpt, Path(source))
         if self.main:
-            self.write_resolved_config()
+            self.write_resolved_config(source if ckpt is not None else None)
             line = self.describe()
             if line:
                 self.log(line)
-        summary = self.fit()
+        try:
+            summary = self.fit()
+        except torch.distributed.DistError as e:
+            e.add_note(self._peer_note())
+            raise
+        except RuntimeError as e:  # gloo reports a lost peer as a plain RuntimeError
+            if self.dist.distributed and _is_collective_failure(e):
+                e.add_note(self._peer_note())
+            raise
         self.finish(summary)
         return summary
 
+    def _check_output(self) -> None:
+        """``--output`` must be a folder (or not exist yet): say so before anything is built or written."""
+        for parent in (self.out, *self.out.parents):
+            if parent.exists():
+                if not parent.is_dir():
+                    what = "the output folder" if parent == self.out else f"a folder above the output {self.out}"
+                    raise ConfigError(f"{parent} is a file, not a folder: it cannot be {what}; give another --output")
+                return
+
+    def _stop_if_any_failed(self, error: Exception | None, phase: str) -> None:
+        """Raise ``error`` here, and on every other process a :class:`PeerFailedError` with its message, so that no
+        process waits in a collective for one that has stopped. One process: just raise ``error``."""
+        if isinstance(error, PeerFailedError):  # raised by an exchange already (in wrap): all know
+            raise error
+        failures = gather_errors(error) if self.dist.distributed else []
+        if error is not None:
+            raise error
+        if failures:
+            rank, message, user = failures[0]
+            cls = PeerUserError if user else PeerFailedError
+            raise cls(f"process {rank} of {self.dist.world_size} stopped {phase}: {message}")
+
+    def _peer_note(self) -> str:
+        timeout = os.environ.get(DIST_TIMEOUT_ENV, "1800")
+        kept = "no checkpoint had been written yet"
+        if self.last_good is not None:
+            kept = f"the last good checkpoint is {self.last_good[0]} ({self.last_good[1]})"
+        return (
+            f"Another process of this run died or stopped answering (collectives time out after "
+            f"{DIST_TIMEOUT_ENV}={timeout} s); {kept}: rerun the same command to resume."
+        )
+
     def fit(self) -> dict[str, Any]:
         """The epoch loop: train, evaluate, record (metrics, best, checkpoint) and log, from the resumed epoch."""
-        epochs = self.cfg.epochs
+        epochs = self.num_epochs
         row: dict[str, Any] = {}
         for epoch in self.progress_bar(
             range(self.start_epoch, epochs), desc="training", unit="epoch", initial=self.start_epoch, total=epochs
@@ -227,7 +354,12 @@ class TrainingRun:
     # ---------------------------------------------------------------------------------------------- training
     def wrap(self, model: nn.Module) -> nn.Module:
         """Register ``model`` (on its device) as the run's model, the one saved and resumed, and return what training
-        calls: a DistributedDataParallel of it under torchrun, else the model itself (also :attr:`ddp`)."""
+        calls: a DistributedDataParallel of it under torchrun, else the model itself (also :attr:`ddp`).
+
+        Building DDP is the processes' first collective: a process that failed earlier in :meth:`build` never
+        reaches it and meets the others in :meth:`run`'s exchange of errors instead, so they first exchange theirs
+        here and stop together rather than pair mismatched collectives."""
+        self._stop_if_any_failed(None, _SETUP)
         self.model = model
         self.ddp = wrap_ddp(model, self.dist)
         return self.ddp
@@ -261,6 +393,9 @@ class TrainingRun:
         if self.scheduler is not None:
             self.scheduler.step_update(self.step)
         if self._fault_step and self.step == self._fault_step:
+            if self._fault_hang:  # a process that stops answering: its peers must time out, not wait forever
+                while True:
+                    time.sleep(60)
             os._exit(137)  # simulate a hard kill mid-run, no clean-up
 
     def current_lr(self) -> float:
@@ -270,19 +405,49 @@ class TrainingRun:
         """Stop (on every process) if any process has seen a non-finite loss since the run started."""
         if all_reduce_max(self._nonfinite.float()).item() == 0:
             return
+        self._stop_nonfinite(f"the loss became NaN/inf {self._where()}")
+
+    def _where(self) -> str:
         if self.epoch is not None:
-            where = f"in epoch {self.epoch + 1} (around optimizer step {self.step})"
-        else:
-            where = f"by optimizer step {self.step}"
+            return f"in epoch {self.epoch + 1} (around optimizer step {self.step})"
+        return f"by optimizer step {self.step}"
+
+    def _stop_nonfinite(self, what: str) -> None:
         kept = "no checkpoint had been written yet"
         if self.last_good is not None:
             kept = f"the last good checkpoint is {self.last_good[0]} ({self.last_good[1]})"
-        raise NonFiniteLossError(f"the loss became NaN/inf {where}; training stopped and {kept}. {self.nan_advice}")
+        raise NonFiniteLossError(f"{what}; training stopped and {kept}. {self.nan_advice}")
+
+    def check_weights(self) -> None:
+        """Stop (on every process) if a weight or buffer of the model or its EMA is NaN/inf.
+
+        The loss is checked before each step; a step can still overflow the weights (the last step of a run, say)
+        with a finite loss, and those weights must not be saved.
+        """
+        flags = []
+        for module in (self.model, self.ema.module if self.ema is not None else None):
+            if module is not None:
+                tensors = [t for t in module.state_dict().values() if t.is_floating_point()]
+                if tensors:
+                    flags.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all().to(self.dist.device))
+        bad = ~torch.stack(flags).all() if flags else torch.zeros((), dtype=torch.bool, device=self.dist.device)
+        if all_reduce_max(bad.float()).item() != 0:
+            self._stop_nonfinite(f"the weights became NaN/inf {self._where()} (the loss was finite)")
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def record(self, row: dict[str, Any]) -> bool:
-        """After an evaluation: update :attr:`best`, append ``row`` to the metrics and save; True if it is the best."""
+        """After an evaluation: update :attr:`best`, append ``row`` to the metrics and save; True if it is the best.
+
+        Nothing is recorded, saved or chosen as best when the loss, the weights or a value of ``row`` is not finite.
+        ``row`` is appended before the save: a kill between the two leaves a row past the checkpoint, which the next
+        start drops (the work is redone); the other order would lose the row.
+        """
         self.check_finite()
+        self.check_weights()  # first: the cause, when it is also why the evaluation is NaN
+        bad = [f"{k} {v}" for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            at = f"{self.x_column} {row.get(self.x_column)}"
+            self._stop_nonfinite(f"the evaluation at {at} gave NaN/inf ({', '.join(bad)})")
         candidate = self.best_record(row)
         is_best = candidate[self.best_key] > self.best[self.best_key]
         if is_best:
@@ -292,17 +457,96 @@ class TrainingRun:
         return is_best
 
     def save(self, is_best: bool = False) -> None:
-        """Atomically write ``last.pth`` (and ``best.pth``); refuses after a non-finite loss. Call on every rank."""
+        """Atomically write ``last.pth`` (and ``best.pth``); refuses after a non-finite loss or with non-finite
+        weights. Call on every rank."""
         self.check_finite()
+        self.check_weights()
         self._write(is_best)
 
     def _write(self, is_best: bool) -> None:
+        """``last.pth`` then, if best, ``best.pth``: a kill between the two leaves ``last.pth`` recording a best that
+        ``best.pth`` lacks, which :meth:`_restore_best` repairs from ``last.pth`` itself. A failed write (full disk)
+        stops every process, with the intact previous checkpoint named."""
+        error, position = None, _position(self.epoch, self.step)
         if self.main:
-            state = self.checkpoint_state()
-            atomic_save(state, self.out / "last.pth")
-            if is_best:
-                atomic_save(state, self.out / "best.pth")
-        self.last_good = (self.out / "last.pth", _position(self.epoch, self.step))
+            try:
+                state = self.checkpoint_state()
+                self._save_file(state, "last.pth")
+                self.last_good = (self.out / "last.pth", position)
+                if is_best:
+                    self._save_file(state, "best.pth")
+            except CheckpointWriteError as e:
+                kept = "no checkpoint had been written yet"
+                if self.last_good is not None:
+                    kept = f"the last good checkpoint is {self.last_good[0]} ({self.last_good[1]})"
+                error = CheckpointWriteError(f"{e}. Training stopped and {kept}; free space and rerun to resume.")
+                error.__cause__ = e.__cause__
+        if self.dist.distributed:
+            failed = all_reduce_max(torch.tensor(float(error is not None), device=self.dist.device)).item()
+            if failed and error is None:
+                raise PeerFailedError("process 0 could not write the checkpoint (see its message); stopping too")
+        if error is not None:
+            raise error
+        self.last_good = (self.out / "last.pth", position)
+
+    def _save_file(self, state: dict[str, Any], name: str) -> None:
+        self._writes[name] += 1
+        hook = None
+        if self._fault_save == (name, self._writes[name]):
+
+            def hook(tmp: Path) -> None:
+                os._exit(137)  # a kill during this write: the temporary file is left, the previous file intact
+
+        atomic_save(state, self.out / name, before_replace=hook)
+
+    def _x_of(self, ckpt: Mapping[str, Any]) -> int:
+        """A checkpoint's position on the metrics' x column (``epoch`` is 1-based there, 0-based in checkpoints)."""
+        return int(ckpt["epoch"]) + 1 if self.x_column == "epoch" else int(ckpt["step"])
+
+    def _restore_best(self, ckpt: Mapping[str, Any], source: Path) -> None:
+        """Make ``best.pth`` hold what the resumed checkpoint records as best, or forget a best it cannot hold.
+
+        ``best.pth`` is up to date when its own record equals the checkpoint's. Else the best is taken from the
+        resumed folder's ``best.pth`` (a resume from another folder), or is the resumed checkpoint itself (a kill
+        between writing ``last.pth`` and ``best.pth``); failing both (a deleted file), the best is chosen afresh
+        from the next evaluation, so that ``summary.json`` never reports a best that no file holds.
+        """
+        record = dict(ckpt["best"])
+        if record == self.initial_best():
+            return
+        target = self.out / "best.pth"
+        for candidate in dict.fromkeys([target.resolve(), (source.parent / "best.pth").resolve()]):
+            found = self._read_best(candidate, record)
+            if found is not None:
+                if candidate != target.resolve():
+                    self._save_file(found, "best.pth")
+                    self.log(f"best.pth copied from {candidate} ({self.x_column} {record.get(self.x_column)})")
+                return
+        if record.get(self.x_column) == self._x_of(ckpt):
+            self._save_file(dict(ckpt), "best.pth")
+            self.log(f"best.pth re-written from {source}: the run had stopped before writing it")
+            return
+        self.log(
+            f"warning: no best.pth holds the recorded best ({self.x_column} {record.get(self.x_column)}); "
+            "the best is chosen afresh from the next evaluation"
+        )
+        self.best = self.initial_best()
+
+    def _read_best(self, path: Path, record: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` if it is the one ``record`` describes (None if absent, unreadable or other)."""
+        if not path.is_file():
+            return None
+        try:
+            ckpt = read_checkpoint(path)
+        except CheckpointError:
+            return None
+        if not isinstance(ckpt, Mapping) or not isinstance(ckpt.get("best"), Mapping) or dict(ckpt["best"]) != record:
+            return None
+        try:
+            same = self._x_of(ckpt) == record.get(self.x_column)
+        except (KeyError, TypeError, ValueError):
+            return None
+        return dict(ckpt) if same else None
 
     def checkpoint_state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
@@ -315,6 +559,7 @@ class TrainingRun:
         if self.epoch is not None:
             state["epoch"] = self.epoch
         state.update(step=self.step, best=dict(self.best), rng=capture_rng(), config=self.cfg.to_dict())
+        state["world_size"] = self.dist.world_size
         state.update(self.task_state())
         state["git"] = git_revision()
         return state
@@ -323,7 +568,8 @@ class TrainingRun:
         """Restore every state from a training checkpoint of this task; checks it first and writes nothing.
 
         Raises :class:`~inceptionnext.checkpoint.CheckpointError` for a file that is unreadable, not a training
-        checkpoint of this task, or of another model.
+        checkpoint of this task, or of another model, and :class:`~inceptionnext.errors.ConfigError` when this
+        launch changes a key that defines the run (see :meth:`_adopt_config`).
         """
         source = str(path)
         required = ("model", "optimizer", "scaler", "step", "best", "rng", *self.checkpoint_keys)
@@ -333,6 +579,7 @@ class TrainingRun:
                 f"{source} is a training checkpoint of another task (its best model is not chosen by "
                 f"{self.best_key}): it cannot resume a {self.task} run"
             )
+        self._adopt_config(ckpt, source)
         self.load_task_state(ckpt, source)
         load_exact(self.model, ckpt["model"], source)
         if self.ema is not None and ckpt.get("ema") is not None:
@@ -351,6 +598,37 @@ class TrainingRun:
         self.last_good = (Path(path), _position(ckpt.get("epoch"), self.step))
         return ckpt
 
+    def _adopt_config(self, ckpt: Mapping[str, Any], source: str) -> None:
+        """A resume continues the checkpoint's run: refuse a launch that changes what it computes.
+
+        Every key but :attr:`runtime_keys` and :attr:`provenance_keys` (model, data, seed, lr, schedule, epochs,
+        batch, augmentation, ...) and the number of processes must equal the checkpoint's, else
+        :class:`~inceptionnext.errors.ConfigError` lists the changes. Silently keeping the checkpoint's values would
+        record flags that did not run; taking the new ones would mix two runs in one. Keys a checkpoint lacks (an
+        older version) are not compared. :attr:`cfg` then takes the checkpoint's provenance, so ``config.yaml``
+        records the run that actually continues.
+        """
+        saved = ckpt.get("config")
+        if not isinstance(saved, Mapping):
+            return
+        current = self.cfg.to_dict()
+        free = set(self.runtime_keys) | set(self.provenance_keys)
+        changed = [
+            f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and k not in free and saved[k] != v
+        ]
+        world = ckpt.get("world_size")
+        if world is not None and world != self.dist.world_size:
+            changed.append(f"processes (world size) {world} -> {self.dist.world_size}")
+        if changed:
+            raise ConfigError(
+                f"{source} continues a run that this launch changes: {'; '.join(changed)}. A resumed run keeps its "
+                f"config (only {', '.join(self.runtime_keys)} may change); to train with these values, "
+                f"{self.new_run_advice.format(source=source)}"
+            )
+        if dataclasses.is_dataclass(self.cfg):
+            kept = {k: saved[k] for k in self.provenance_keys if k in saved and k in current}
+            self.cfg = dataclasses.replace(self.cfg, **kept)
+
     # ---------------------------------------------------------------------------------------------- reporting
     def log(self, msg: str) -> None:
         if self.main:
@@ -361,14 +639,36 @@ class TrainingRun:
     def progress_bar(self, iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
         return tqdm(iterable, disable=not self.progress, **kwargs)
 
-    def write_resolved_config(self) -> None:
-        """``config.yaml`` beside the outputs: the resolved config, the code's git revision and this launch."""
+    def write_resolved_config(self, resumed_from: str | os.PathLike | None = None) -> None:
+        """``config.yaml`` beside the outputs: the config that runs (a resume's is the checkpoint's), the code's git
+        revision and this launch."""
         resolved = self.cfg.to_dict() | {"git": git_revision(), "world_size": self.dist.world_size}
+        if resumed_from is not None:
+            resolved["resumed_from"] = str(resumed_from)
         (self.out / "config.yaml").write_text(yaml.safe_dump(resolved | self.config_extras(), sort_keys=False))
 
 
 def _position(epoch: int | None, step: int) -> str:
     return f"epoch {epoch}" if epoch is not None else f"step {step}"
+
+
+def _parse_fault_step(text: str) -> tuple[int, bool]:
+    """``k`` or ``k:hang`` of :data:`FAULT_ENV` as (step, hang); (0, False) when unset."""
+    step, _, action = text.partition(":")
+    return (int(step), action == "hang") if step else (0, False)
+
+
+def _parse_fault_save(text: str) -> tuple[str, int] | None:
+    """``NAME`` or ``NAME:k`` of :data:`FAULT_SAVE_ENV` as (file name, k-th write); None when unset."""
+    if not text:
+        return None
+    name, _, count = text.partition(":")
+    return name, int(count or 1)
+
+
+def _is_collective_failure(e: RuntimeError) -> bool:
+    text = str(e).lower()
+    return any(s in text for s in ("gloo", "nccl", "connection closed", "connection reset", "timed out"))
 
 
 def launch(run_cls: type[TrainingRun], cfg: RunConfig, *, resume: str | os.PathLike | None = None) -> dict[str, Any]:

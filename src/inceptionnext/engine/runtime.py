@@ -7,9 +7,11 @@ whatever it trains: NCCL on CUDA and gloo on CPU, one autocast factory, a GradSc
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -19,7 +21,10 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from ..errors import ConfigError, UserError
+
 __all__ = [
+    "DIST_TIMEOUT_ENV",
     "DistInfo",
     "ShardSampler",
     "all_reduce_max",
@@ -28,9 +33,16 @@ __all__ = [
     "autocast_settings",
     "batches_from_step",
     "cleanup_distributed",
+    "dist_timeout",
+    "gather_errors",
     "init_distributed",
     "wrap_ddp",
 ]
+
+
+#: seconds a process waits for the others in a collective before it fails (a rank that died or hangs)
+DIST_TIMEOUT_ENV = "INCEPTIONNEXT_DIST_TIMEOUT"
+_DEFAULT_DIST_TIMEOUT_S = 1800.0  # generous: an evaluation or a checkpoint write on rank 0 can take minutes
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,29 @@ class DistInfo:
         return self.rank == 0
 
 
+def dist_timeout() -> timedelta:
+    """The process group's timeout: ``INCEPTIONNEXT_DIST_TIMEOUT`` seconds (default 1800).
+
+    A process whose peer was killed or hangs fails after this long instead of waiting forever in a collective, so
+    the launch ends and can be resumed from the last checkpoint.
+    """
+    text = os.environ.get(DIST_TIMEOUT_ENV)
+    if text is None:
+        return timedelta(seconds=_DEFAULT_DIST_TIMEOUT_S)
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{DIST_TIMEOUT_ENV} must be a positive number of seconds, got {text!r}")
+    return timedelta(seconds=seconds)
+
+
 def init_distributed(device: str | None = None) -> DistInfo:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and start the process group.
 
-    NCCL on CUDA, gloo on CPU. Without torchrun this is a single process on ``cuda:0`` or the CPU.
+    NCCL on CUDA, gloo on CPU, with :func:`dist_timeout`. Without torchrun this is a single process on ``cuda:0``
+    or the CPU.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -64,7 +95,7 @@ def init_distributed(device: str | None = None) -> DistInfo:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world)
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world, timeout=dist_timeout())
     return DistInfo(rank, local, world, dev)
 
 
@@ -87,6 +118,23 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return values
+
+
+def gather_errors(error: BaseException | None) -> list[tuple[int, str, bool]]:
+    """Every process's failure as ``(rank, message, is a UserError)``, for all to see (a collective).
+
+    A process that fails while the others wait for it in a collective would leave them hanging; exchanging the
+    outcome of a phase lets every process stop with the failing one's message. One process: its own failure only.
+    """
+    mine = None
+    if error is not None:
+        user = isinstance(error, UserError)  # its message is the whole story; a bug's needs its type
+        mine = (str(error) if user else f"{type(error).__name__}: {error}", user)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [] if mine is None else [(0, *mine)]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return [(rank, *outcome) for rank, outcome in enumerate(everyone) if outcome is not None]
 
 
 def autocast_settings(device: torch.device, amp: str) -> tuple[torch.dtype | None, bool]:

@@ -121,6 +121,9 @@ class PaperFigures:
     train_throughput: int | None = None
     infer_throughput: int | None = None
     throughput_device: str = ""
+    # Table 4 prints a second GPU next to the A100: the 2080Ti in FP32 (Table 5's device)
+    train_throughput_2080ti: int | None = None
+    infer_throughput_2080ti: int | None = None
 
     @staticmethod
     def decimals(printed: str) -> int:

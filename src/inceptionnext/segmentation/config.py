@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..engine.config import AMP_MODES, check_choice, check_positive, config_field, load_recipe
+from ..engine.config import (
+    AMP_MODES,
+    check_choice,
+    check_positive,
+    check_range,
+    coerce_types,
+    config_field,
+    load_recipe,
+)
+from ..engine.optim import NO_DECAY_RULES
 from .segmentor import SEG_HEADS
 
 __all__ = ["EVAL_MODES", "HEADS", "SEG_RECIPES", "SegConfig", "resolve_seg_config"]
@@ -47,7 +57,13 @@ class SegConfig:
     batch_size: int = _f(2, "images per process and step")
     lr: float = _f(6e-5, "peak learning rate for a global batch of lr_base_batch")
     lr_base_batch: int = _f(16, "global batch the lr is given for; scaled linearly to the effective batch")
-    weight_decay: float = _f(0.01, "AdamW weight decay (not on norms, biases, LayerScale)")
+    weight_decay: float = _f(0.01, "AdamW weight decay, on the parameters no_decay leaves")
+    no_decay: str = _f(
+        "timm",
+        "parameters without weight decay: timm = norms, biases, LayerScale; norms = norm layers only (Swin's UperNet "
+        "config); none = decay everything (PoolFormer's FPN config)",
+        choices=NO_DECAY_RULES,
+    )
     betas: list = _f([0.9, 0.999], "AdamW betas")
     warmup_iters: int = _f(1500, "linear warm-up steps")
     warmup_ratio: float = _f(1e-6, "warm-up starts at lr x warmup_ratio")
@@ -77,12 +93,16 @@ class SegConfig:
         return dataclasses.asdict(self)
 
 
-def resolve_seg_config(recipe: str | None = None, overrides: dict[str, Any] | None = None) -> SegConfig:
+def resolve_seg_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SegConfig:
     values: dict[str, Any] = load_recipe(recipe, SegConfig, SEG_RECIPES) if recipe else {}
     values.update(overrides or {})
     if isinstance(values.get("stage_norm"), str) and values["stage_norm"].lower() in ("none", "null"):
         values["stage_norm"] = None
-    cfg = SegConfig(**values)
-    check_choice(cfg, "head", "eval_mode", "amp")
-    check_positive(cfg, "iterations", "batch_size", "eval_interval", "lr_base_batch")
+    cfg = SegConfig(**coerce_types(SegConfig, values))
+    check_choice(cfg, "head", "eval_mode", "amp", "no_decay")
+    check_positive(cfg, "iterations", "batch_size", "eval_interval", "lr_base_batch", "log_interval")
+    check_range(cfg, "lr", low=0.0, low_open=True)
+    check_range(cfg, "weight_decay", "min_lr", "warmup_ratio", "poly_power", low=0.0)
+    check_range(cfg, "warmup_iters", "workers", low=0)
+    check_range(cfg, "drop_path", low=0.0, high=1.0, high_open=True)
     return cfg

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
+from ..data.images import ImageError, read_image
 from ..errors import UserError
 
 __all__ = [
@@ -451,11 +452,11 @@ class ADE20KDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(uint8 HxWx3 RGB image, int64 HxW label map with the label mapping applied), both checked."""
         img_path, ann_path = self.samples[index]
-        try:
-            with Image.open(img_path) as im:
-                img = np.array(im.convert("RGB"))  # a writable copy (torch warns on read-only arrays)
-        except (OSError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            raise SegDataError(f"cannot read image {img_path}: {type(e).__name__}: {e}") from e
+        try:  # the reader of classification and predict: 16-bit rescaled, transparency on white
+            img = np.array(read_image(img_path))  # a writable copy (torch warns on read-only arrays)
+        except ImageError as e:
+            cause = e.__cause__ or e
+            raise SegDataError(f"cannot read image {img_path}: {type(cause).__name__}: {cause}") from e
         try:
             with Image.open(ann_path) as im:
                 mode, raw = im.mode, np.asarray(im)

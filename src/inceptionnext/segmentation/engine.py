@@ -185,7 +185,9 @@ class SegmentationRun(TrainingRun):
         if dist.distributed and dist.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the ADE20K recipes train with SyncBN
         self.lr = cfg.scaled_lr(dist.world_size)
-        self.optimizer = build_optimizer(model, self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas)
+        self.optimizer = build_optimizer(
+            model, self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, no_decay=cfg.no_decay
+        )
         self.wrap(model)
         self.sampler = DistributedSampler(
             self.train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..inference import ImageError, LoadedModel, eval_transform, read_image
+from ..inference import ImageError, LoadedModel, distinct, eval_transform, read_image, unique_names
 
 __all__ = ["CAM_METHODS", "CamResult", "target_layer", "compute_cam", "save_overlay", "cam_grid"]
 
@@ -133,7 +133,9 @@ def cam_grid(
 ) -> tuple[Path, list[Path], list[str]]:  # fmt: skip
     """Overlays for every (image, model) pair and a grid (rows: images, columns: input + models) like Figure 4.
 
-    Returns (grid path, overlay paths, problems). Unreadable images are reported and left out.
+    Returns (grid path, overlay paths, problems). Unreadable images are reported and left out. Overlays are named
+    ``<image>__<model>.png`` with both parts made unique (:func:`~inceptionnext.inference.unique_names`), so two
+    images with one stem, or two checkpoints of one architecture, do not overwrite each other.
     """
     import matplotlib
 
@@ -147,14 +149,16 @@ def cam_grid(
     rows: list[tuple[Path, list[CamResult]]] = []
     problems: list[str] = []
     overlays: list[Path] = []
-    pairs = [(Path(i), m) for i in images for m in models]
-    bar = tqdm(total=len(pairs), desc=method, unit="map", disable=not progress)
-    for img in map(Path, images):
+    images = [Path(i) for i in images]
+    image_names = unique_names(images)
+    model_names = distinct([_safe(title) for title, _ in models])
+    bar = tqdm(total=len(images) * len(models), desc=method, unit="map", disable=not progress)
+    for img, img_name in zip(images, image_names):
         results: list[CamResult] = []
         try:
-            for title, loaded in models:
+            for (_, loaded), model_name in zip(models, model_names):
                 r = compute_cam(loaded, img, method=method, target_class=target_class, layer=layer)
-                overlays.append(save_overlay(r, out / f"{img.stem}__{_safe(title)}.png"))
+                overlays.append(save_overlay(r, out / f"{img_name}__{model_name}.png"))
                 results.append(r)
                 bar.update(1)
         except ValueError as e:
@@ -171,7 +175,7 @@ def cam_grid(
         axes[r][0].imshow(results[0].image)
         axes[r][0].set_title("Input" if r == 0 else "", fontsize=9)
         axes[r][0].set_ylabel(img.name, fontsize=7)
-        for c, ((title, _), res) in enumerate(zip(models, results), start=1):
+        for c, (title, res) in enumerate(zip(distinct([t for t, _ in models]), results), start=1):
             axes[r][c].imshow(show_cam_on_image(res.image.astype(np.float32), res.cam, use_rgb=True))
             header = f"{title}\n" if r == 0 else ""
             axes[r][c].set_title(f"{header}{res.label} ({100 * res.prob:.0f}%)", fontsize=8)

@@ -15,11 +15,19 @@ from typing import Any
 
 from safetensors.torch import save_file
 
+from ..errors import UserError
 from ..inference import LoadedModel
 from ..models.pretrained import HUB_WEIGHTS, resolve_data_config, weights_file_for
 
 # weights_file_for lives in the models layer (timm's entry points load these folders through it); kept importable here
-__all__ = ["export_folder", "push_to_hub", "weights_file_for"]
+__all__ = ["HubError", "export_folder", "push_to_hub", "weights_file_for"]
+
+# the packages whose exceptions mean "the Hub could not be reached or refused the request"
+_NETWORK_PACKAGES = {"huggingface_hub", "httpx", "httpx2", "httpcore", "requests", "urllib3", "ssl", "socket"}
+
+
+class HubError(UserError, RuntimeError):
+    """The Hugging Face Hub could not be reached, or refused the upload; the message says which and what to check."""
 
 
 def export_folder(loaded: LoadedModel, folder: str | os.PathLike, model_kwargs: dict[str, Any] | None = None) -> Path:
@@ -54,10 +62,41 @@ def export_folder(loaded: LoadedModel, folder: str | os.PathLike, model_kwargs: 
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
-    """Upload an exported folder to the Hugging Face Hub (creates the repository if needed)."""
-    from huggingface_hub import HfApi
+    """Upload an exported folder to the Hugging Face Hub (creates the repository if needed).
 
-    api = HfApi(token=token)
-    repo = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message="Add model")
+    A network failure (offline, DNS, proxy, timeout) or a refusal (no token, no write access) raises
+    :class:`HubError` with what to check, instead of the HTTP client's traceback.
+    """
+    from huggingface_hub import HfApi, constants
+
+    try:
+        api = HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo.repo_id, folder_path=str(folder), commit_message="Add model")
+    except Exception as e:
+        if not _is_hub_failure(e):
+            raise
+        raise _hub_error(e, repo_id, constants.ENDPOINT) from e
     return f"https://huggingface.co/{repo.repo_id}"
+
+
+def _is_hub_failure(e: BaseException) -> bool:
+    packages = {cls.__module__.split(".")[0] for cls in type(e).__mro__}
+    return isinstance(e, OSError) or bool(packages & _NETWORK_PACKAGES)
+
+
+def _hub_error(e: BaseException, repo_id: str, endpoint: str) -> HubError:
+    detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status is not None:  # the Hub answered
+        return HubError(
+            f"the Hugging Face Hub ({endpoint}) refused to create or upload to {repo_id} (HTTP {status}; {detail}); "
+            "check that you are logged in (`hf auth login` or HF_TOKEN) with write access to that namespace"
+        )
+    if "token" in detail.lower() or "logged in" in detail.lower():
+        return HubError(f"not logged in to the Hugging Face Hub ({detail}); run `hf auth login` or set HF_TOKEN")
+    return HubError(
+        f"could not reach the Hugging Face Hub at {endpoint} to push {repo_id}: a network problem ({detail}); check "
+        "the connection, proxy settings (HTTPS_PROXY) and HF_ENDPOINT, or unset HF_HUB_OFFLINE; `inceptionnext hub "
+        "export FOLDER` writes the same files locally for a later upload"
+    )

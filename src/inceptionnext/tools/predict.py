@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..errors import ConfigError
 from ..inference import LoadedModel, classify, eval_transform, find_images, read_image
 
 __all__ = ["Prediction", "PredictReport", "predict", "format_predictions"]
@@ -40,6 +41,8 @@ def predict(
     loaded: LoadedModel, paths: list[str | os.PathLike], *, topk: int = 5, batch_size: int = 32, progress: bool = True
 ) -> PredictReport:
     """Classify every image under ``paths`` (files or folders). Unreadable files are reported and skipped."""
+    if topk < 1 or batch_size < 1:
+        raise ConfigError(f"topk and batch_size must be >= 1, got topk={topk}, batch_size={batch_size}")
     files, errors = find_images(list(paths))
     report = PredictReport(loaded.name, loaded.weights, errors=list(errors))
     transform = eval_transform(loaded.preprocessing)
