@@ -162,7 +162,10 @@ def _read_yaml(text: str, source: str, cls: type) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{source}: not valid YAML ({e})") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: a recipe is a mapping of config keys, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_fields(cls)))
