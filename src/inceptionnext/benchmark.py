@@ -20,7 +20,13 @@ with the better one reported (the script measures one layout per run).
 Implementations (``impl``):
 
 * ``eager``: the model as built (this package's or timm's).
-* ``fused``: this package's models after :func:`inceptionnext.fuse` (inference only).
+* ``fused``: this package's models after :func:`inceptionnext.fuse` (inference only): the inference
+  re-parameterisation (BatchNorm, mixer biases and LayerScale folded into the 1x1 convolutions, the MLP as GEMMs
+  with fused epilogues); no Triton.
+* ``triton``: this package's models as built, with the Inception mixers swapped for the fused Triton kernel
+  (:func:`inceptionnext.layers.set_triton_mixers`, what ``create_model(..., fused_mixer=True)`` and training's
+  ``--fused-mixer`` build): one launch per mixer instead of split / three convolutions / concatenate, training and
+  inference. The kernel runs on CUDA only; elsewhere the reference code runs, so on CPU this measures ``eager``.
 * ``compile``: ``torch.compile`` (inductor; for inference the fused model with weight freezing).
 * ``onnxruntime``: the model exported to ONNX (fused first for this package's models) run by onnxruntime on CPU,
   fp32 (inference only).
@@ -73,7 +79,7 @@ __all__ = [
     "resolve_protocol",
 ]
 
-IMPLS = ("eager", "fused", "compile", "onnxruntime")
+IMPLS = ("eager", "fused", "triton", "compile", "onnxruntime")
 MODES = ("infer", "train")
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 LAYOUTS = ("channels_first", "channels_last")
@@ -420,6 +426,8 @@ def _inference_step(model: nn.Module, name: str, impl: str, device: torch.device
         model = fuse(model)
     elif impl == "fused":
         raise ValueError(f"impl 'fused' needs one of this package's models, {name!r} is timm's")
+    if impl == "triton":
+        model = _with_triton_mixers(model, name, copy=True)
     if impl == "onnxruntime":
         return _onnxruntime_step(model, x)
     model = model.to(device=device, memory_format=_memory_format(layout))
@@ -430,6 +438,17 @@ def _inference_step(model: nn.Module, name: str, impl: str, device: torch.device
         model(x)
 
     return step
+
+
+def _with_triton_mixers(model: nn.Module, name: str, *, copy: bool) -> nn.Module:
+    """``model`` (a copy of it: an inference model may be reused by the next impl) with Triton mixers."""
+    import copy as copy_module
+
+    from .layers import set_triton_mixers
+
+    if not _is_ours(model):
+        raise ValueError(f"impl 'triton' needs one of this package's models, {name!r} is timm's")
+    return set_triton_mixers(copy_module.deepcopy(model) if copy else model)
 
 
 def _onnxruntime_step(model: nn.Module, x: torch.Tensor):
@@ -475,6 +494,8 @@ def _training_step(
 ):
     if impl in ("fused", "onnxruntime"):
         raise ValueError(f"impl {impl!r} is inference only")
+    if impl == "triton":
+        model = _with_triton_mixers(model, "this model", copy=False)  # training updates its model anyway
     model = model.to(device=device, memory_format=_memory_format(layout)).train()
     opt = train_optimizer(model, train_opt)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -671,9 +692,9 @@ def run_benchmark(
     for name, impl, mode, layout in plan:
         if bar is not None:
             bar.set_description(f"{name} {impl} {mode} {layout}")
-        if impl == "fused" and name not in built:
+        if impl in ("fused", "triton") and name not in built:
             built[name] = build_model(name)
-        if impl == "fused" and not _is_ours(built[name]):
+        if impl in ("fused", "triton") and not _is_ours(built[name]):
             continue
         # training updates weights and compile wraps the module: give those a fresh instance
         reuse = mode == "infer" and impl != "compile"

@@ -5,24 +5,27 @@ from .datasets import (
     ReadableBatches,
     SeededTransform,
     UnreadableImage,
-    build_dataset,
     collate_readable,
 )
 from .images import IMAGE_SUFFIXES, ImageError, read_image
+from .streams import HFImageDataset, ShardStream, build_dataset, pack_image_folder
 from .transforms import build_transform, eval_preprocessing
 
 __all__ = [
     "DataError",
     "DigitsDataset",
+    "HFImageDataset",
     "IMAGE_SUFFIXES",
     "ImageError",
     "ImageFolderDataset",
     "ReadableBatches",
     "SeededTransform",
+    "ShardStream",
     "UnreadableImage",
     "build_dataset",
     "build_transform",
     "collate_readable",
     "eval_preprocessing",
+    "pack_image_folder",
     "read_image",
 ]

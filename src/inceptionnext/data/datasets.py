@@ -275,6 +275,10 @@ class SeededTransform(Dataset):
         img, target = self.dataset[index]
         if isinstance(img, UnreadableImage):  # left out of the batch by collate_readable
             return img, target
+        return self.apply(img, index), target
+
+    def apply(self, img: Any, index: int) -> Any:
+        """``transform(img)`` seeded from (seed, epoch, index); streamed data passes each sample's epoch index."""
         sample_seed = hash((self.seed, self.epoch, index)) & 0xFFFF_FFFF
         py_state, np_state = random.getstate(), np.random.get_state()
         random.seed(sample_seed)
@@ -286,7 +290,7 @@ class SeededTransform(Dataset):
         finally:
             random.setstate(py_state)
             np.random.set_state(np_state)
-        return out, target
+        return out
 
 
 def build_dataset(

@@ -28,21 +28,24 @@ from ..data import (
     DataError,
     ReadableBatches,
     SeededTransform,
+    ShardStream,
     build_dataset,
     build_transform,
     collate_readable,
     eval_preprocessing,
 )
 from ..errors import ConfigError
+from ..layers import InceptionDWConv2d, set_triton_mixers
 from ..models import get_entry, is_model
 from ..models.factory import create_any_model
 from ..models.metanext import MetaNeXt
 from .config import TrainConfig
+from .ema import RecalibrationBatches, batchnorm_layers, recalibrate_bn
 from .optim import build_optimizer, build_scheduler
 from .run import TrainingRun, launch
 from .runtime import ShardSampler, autocast
 
-__all__ = ["ClassificationRun", "build_model", "evaluate", "train"]
+__all__ = ["ClassificationRun", "build_model", "evaluate", "train", "use_fused_mixer"]
 
 
 @torch.inference_mode()
@@ -104,6 +107,17 @@ def _check_model_options(cfg: TrainConfig) -> None:
         )
 
 
+def use_fused_mixer(model: nn.Module, name: str) -> nn.Module:
+    """``--fused-mixer``: swap ``model``'s Inception mixers for the fused Triton ones (in place, same parameters).
+
+    A model without an Inception mixer (``convnext_*``, timm's models, a Table 8 ablation with another mixer) is a
+    :class:`ConfigError`: the flag would otherwise do nothing and say nothing.
+    """
+    if not any(isinstance(m, InceptionDWConv2d) for m in model.modules()):
+        raise ConfigError(f"fused_mixer: {name} has no Inception depthwise mixer to fuse; leave --fused-mixer off")
+    return set_triton_mixers(model)
+
+
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The model of ``cfg``; an option the model does not define is a :class:`ConfigError` naming the key."""
     kwargs: dict[str, Any] = dict(cfg.model_kwargs)
@@ -113,7 +127,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if is_model(cfg.model):
         _check_model_options(cfg)
     try:
-        return create_any_model(
+        model = create_any_model(
             cfg.model,
             pretrained=cfg.pretrained and not cfg.initial_checkpoint,
             checkpoint_path=cfg.initial_checkpoint,
@@ -125,6 +139,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
             raise
         key = _MODEL_ARGS.get(bad.group(1), f"model_kwargs.{bad.group(1)}")
         raise ConfigError(f"{key}: the model {cfg.model} has no {bad.group(1)!r} argument; leave {key} unset") from e
+    return use_fused_mixer(model, cfg.model) if cfg.fused_mixer else model
 
 
 class ClassificationRun(TrainingRun):
@@ -139,8 +154,14 @@ class ClassificationRun(TrainingRun):
     best_key = "top1"
     checkpoint_keys = ("epoch", "class_names")
     nan_advice = "Lower the learning rate (--lr), set --clip-grad, or use --amp fp32/bf16 instead of fp16."
-    runtime_keys = (*TrainingRun.runtime_keys, "compile", "channels_last", "grad_checkpointing")
+    runtime_keys = (*TrainingRun.runtime_keys, "compile", "channels_last", "grad_checkpointing", "fused_mixer")
     new_run_advice = "start a new run in another --output, with --initial-checkpoint {source} to start from its weights"
+
+    def changeable_keys(self) -> tuple[str, ...]:
+        keys = super().changeable_keys()
+        if str(self.cfg.data or "").startswith("wds:"):  # a shard stream's sample order depends on the worker count
+            keys = tuple(k for k in keys if k != "workers")
+        return keys
 
     def initial_best(self) -> dict[str, Any]:
         return {"top1": -1.0, "epoch": -1, "which": "raw"}
@@ -175,11 +196,18 @@ class ClassificationRun(TrainingRun):
 
         model = build_model(cfg, len(self.class_names))
         self.model_cfg = model.pretrained_cfg
-        self.train_set = SeededTransform(train_base, build_transform(cfg, self.model_cfg, True), cfg.seed)
-        self.val_set = SeededTransform(val_base, build_transform(cfg, self.model_cfg, False), cfg.seed)
-        self.sampler = DistributedSampler(
-            self.train_set, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
-        )
+        train_tf, val_tf = build_transform(cfg, self.model_cfg, True), build_transform(cfg, self.model_cfg, False)
+        if isinstance(train_base, ShardStream):  # shards: the stream splits, orders and seeds itself (data/streams.py)
+            self.train_set = train_base.configure(train_tf, cfg.seed, dist.rank, dist.world_size, cfg.batch_size)
+            self.val_set = val_base.configure(val_tf, cfg.seed, dist.rank, dist.world_size, cfg.batch_size)
+            self.sampler = val_sampler = None
+        else:
+            self.train_set = SeededTransform(train_base, train_tf, cfg.seed)
+            self.val_set = SeededTransform(val_base, val_tf, cfg.seed)
+            self.sampler = DistributedSampler(
+                self.train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+            )
+            val_sampler = ShardSampler(len(self.val_set), dist.rank, dist.world_size)
         loader_kw = dict(num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
         self.train_loader = DataLoader(
             self.train_set, cfg.batch_size, sampler=self.sampler, drop_last=True, **loader_kw
@@ -188,7 +216,7 @@ class ClassificationRun(TrainingRun):
             DataLoader(
                 self.val_set,
                 cfg.batch_size,
-                sampler=ShardSampler(len(self.val_set), dist.rank, dist.world_size),
+                sampler=val_sampler,
                 collate_fn=collate_readable,
                 **loader_kw,
             )
@@ -244,6 +272,27 @@ class ClassificationRun(TrainingRun):
 
         ddp = self.wrap(model)
         self.forward_model = torch.compile(ddp) if cfg.compile else ddp
+        self.bn_recal = self._bn_recal_batches()
+
+    def _bn_recal_batches(self) -> RecalibrationBatches | None:
+        """The batches that recalibrate the EMA's BatchNorm statistics (:mod:`.ema`), or None: no EMA, no BatchNorm
+        (nothing is built and no time spent) or ``ema_bn_recal`` 0."""
+        cfg, dist = self.cfg, self.dist
+        if self.ema is None or cfg.ema_bn_recal == 0 or not batchnorm_layers(self.ema.module):
+            return None
+        if isinstance(self.train_set, ShardStream):
+            return self.train_set.recalibration_batches(build_transform(cfg, self.model_cfg, False), cfg.ema_bn_recal)
+        return RecalibrationBatches(
+            self.train_set.dataset,  # the training images before their (random) training transform
+            build_transform(cfg, self.model_cfg, False),
+            num_batches=min(cfg.ema_bn_recal, len(self.train_loader)),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            workers=cfg.workers,
+            pin_memory=dist.device.type == "cuda",
+        )
 
     # ------------------------------------------------------------------------------------------------ state
     def task_state(self) -> dict[str, Any]:
@@ -284,7 +333,8 @@ class ClassificationRun(TrainingRun):
         self.ddp.train()
         if self.scheduler is not None and cfg.sched_on == "epoch":
             self.scheduler.step(epoch)  # the lr of this epoch, as timm's train.py sets it (also right after a resume)
-        self.sampler.set_epoch(epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
         self.train_set.set_epoch(epoch)
         accum = cfg.grad_accum_steps
         n_micro = self.updates_per_epoch * accum
@@ -309,6 +359,7 @@ class ClassificationRun(TrainingRun):
             if not update:
                 continue
             self.optimizer_step()
+            bar.update(1)  # before the postfix: a log without a terminal writes the line then, at this step
             n_update = (micro + 1) // accum
             if n_update % cfg.log_interval == 0 or n_update == self.updates_per_epoch:
                 self.check_finite()
@@ -316,7 +367,6 @@ class ClassificationRun(TrainingRun):
                 bar.set_postfix(
                     loss=f"{self.running_loss.local_mean():.4f}", lr=f"{self.current_lr():.2e}", img_s=f"{rate:.0f}"
                 )
-            bar.update(1)
         bar.close()
         self.check_finite()
         mean_loss = self.running_loss.mean()
@@ -327,6 +377,9 @@ class ClassificationRun(TrainingRun):
         val = evaluate(self.ddp, self.val_loader, device, self.amp_dtype, "val", self.progress, cfg.channels_last)
         row = {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
         if self.ema is not None:
+            if self.bn_recal is not None:  # in place: the EMA saved (and chosen as best) holds these statistics
+                batches = self.bn_recal(epoch, device, cfg.channels_last)
+                recalibrate_bn(self.ema.module, batches, autocast=self.autocast)
             ema = evaluate(
                 self.ema.module, self.val_loader, device, self.amp_dtype, "val (EMA)", self.progress, cfg.channels_last
             )

@@ -74,7 +74,11 @@ class TrainConfig:
     )
     finetune: bool = _f(False, "a fine-tune: refuse to start without --initial-checkpoint or --pretrained")
     # data
-    data: str | None = _f(None, "ImageFolder root with train/ and val/; default: the embedded digits set")
+    data: str | None = _f(
+        None,
+        "ImageFolder root with train/ and val/, wds:SHARDS (a 'data pack' folder, or a pattern with {split}) or "
+        "hf:NAME_OR_PATH (Hugging Face datasets); default: the embedded digits set",
+    )
     workers: int = _f(4, "data loading processes per training process")
     # optimisation
     epochs: int = _f(300, "epochs of warm-up + cosine decay (timm's --epochs); the run trains epochs + cooldown_epochs")
@@ -117,10 +121,18 @@ class TrainConfig:
     # EMA
     model_ema: bool = _f(False, "keep an EMA of the weights, evaluated alongside the raw model")
     model_ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
+    ema_bn_recal: int = _f(
+        32,
+        "batches per process that recompute the EMA's BatchNorm statistics before each evaluation (0: off; "
+        "capped at an epoch's batches; nothing to do for a model without BatchNorm)",
+    )
     # runtime
     amp: str = _f("auto", "mixed precision (auto: bf16 on CUDA when supported; CPU runs fp32)", choices=AMP_MODES)
     tf32: bool = _f(False, "allow TF32 in CUDA matmuls and convolutions (what the paper's A100 runs used)")
     channels_last: bool = _f(False, "train in channels_last memory format")
+    fused_mixer: bool = _f(
+        False, "run the Inception mixers with the fused Triton kernel (CUDA; opt-in until measured on a GPU)"
+    )
     compile: bool = _f(False, "torch.compile the model")
     grad_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     sync_bn: bool = _f(False, "SyncBatchNorm across processes (CUDA)")
@@ -212,7 +224,7 @@ def check_train_config(cfg: TrainConfig) -> None:
     check_positive(cfg, "epochs", "batch_size", "grad_accum_steps", "lr_base_batch", "img_size", "log_interval")
     check_range(cfg, "lr", low=0.0, low_open=True)
     check_range(cfg, "min_lr", "warmup_lr", "weight_decay", "opt_eps", "mixup", "cutmix", "color_jitter", low=0.0)
-    check_range(cfg, "cooldown_epochs", "workers", low=0)
+    check_range(cfg, "cooldown_epochs", "workers", "ema_bn_recal", low=0)
     check_range(cfg, "warmup_epochs", low=0.0)
     check_range(cfg, "smoothing", "drop_path", "drop", low=0.0, high=1.0, high_open=True)
     check_range(cfg, "hflip", "reprob", "mixup_switch_prob", "model_ema_decay", low=0.0, high=1.0)

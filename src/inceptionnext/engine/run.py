@@ -24,8 +24,11 @@ in optimizer steps. Everything else is done here, the same way for all of them:
 * under torchrun, a failure of one process while the run is being set up stops every process with its message, and
   a process whose peers died or hang fails after ``INCEPTIONNEXT_DIST_TIMEOUT`` seconds instead of waiting forever;
 * ``metrics.csv`` (and TensorBoard) keyed on the task's :attr:`~TrainingRun.x_column`, ``curves.png`` from the
-  task's :attr:`~TrainingRun.curves`, ``log.txt``, progress bars, the resolved ``config.yaml`` with the git revision,
-  and ``summary.json``.
+  task's :attr:`~TrainingRun.curves`, ``log.txt``, progress, the resolved ``config.yaml`` with the git revision,
+  and ``summary.json``. Progress is drawn as bars only on a terminal: redirected to a file or a CI log, stderr gets
+  one plain line per ``log_interval`` steps instead of carriage-return redraws (:class:`PlainProgress`), next to
+  the line per epoch that :meth:`~TrainingRun.log` always writes; ``INCEPTIONNEXT_NO_PROGRESS`` silences bars and
+  step lines.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -77,6 +81,7 @@ __all__ = [
     "FAULT_SAVE_ENV",
     "NonFiniteLossError",
     "PeerFailedError",
+    "PlainProgress",
     "RunConfig",
     "RunningLoss",
     "TrainingRun",
@@ -142,6 +147,50 @@ class RunningLoss:
         self.count = 0
 
 
+class PlainProgress:
+    """What :meth:`TrainingRun.progress_bar` gives when stderr is not a terminal: tqdm's calls, one plain line per
+    :meth:`set_postfix` (a task calls it every ``log_interval`` steps) and nothing else; ``enabled=False``: silent.
+
+    A bar redraws itself with carriage returns many times a second, which a file or a CI log keeps as one endless
+    line; the line per interval (``epoch 3/30 step 40/120: loss 0.5123, lr 1.00e-03, img_s 812``) reads as a log.
+    """
+
+    def __init__(
+        self, iterable: Iterable | None = None, *, desc: str = "", total: int | None = None, initial: int = 0,
+        enabled: bool = True, **_: Any,
+    ) -> None:  # fmt: skip
+        self.iterable, self.desc, self.enabled = iterable, desc, enabled
+        self.total = total if total is not None or iterable is None else _len_or_none(iterable)
+        self.n = initial
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, **values: Any) -> None:
+        if self.enabled:
+            where = f"{self.n}/{self.total}" if self.total is not None else str(self.n)
+            text = ", ".join(f"{k} {v}" for k, v in values.items())
+            print(f"{self.desc} step {where}: {text}".lstrip(), file=sys.stderr, flush=True)
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+
+    def close(self) -> None:
+        pass
+
+
+def _len_or_none(iterable: Iterable) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
 class TrainingRun:
     """One process of a training run. Subclasses set the class attributes below and write :meth:`build` and
     their loop; see the module docstring for what the core provides."""
@@ -169,7 +218,9 @@ class TrainingRun:
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
         self.main = dist.is_main
-        self.progress = self.main and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
+        # progress is reported by the main process unless silenced; drawn as bars only on a terminal
+        self.report_progress = self.main and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
+        self.progress = self.report_progress and _is_terminal(sys.stderr)
         self.resume_from = Path(resume) if resume is not None else None
         self.amp_dtype, use_scaler = runtime.autocast_settings(dist.device, cfg.amp)
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
@@ -598,6 +649,10 @@ class TrainingRun:
         self.last_good = (Path(path), _position(ckpt.get("epoch"), self.step))
         return ckpt
 
+    def changeable_keys(self) -> tuple[str, ...]:
+        """The config keys a resume may change: :attr:`runtime_keys`, less any that this run's data makes matter."""
+        return self.runtime_keys
+
     def _adopt_config(self, ckpt: Mapping[str, Any], source: str) -> None:
         """A resume continues the checkpoint's run: refuse a launch that changes what it computes.
 
@@ -612,7 +667,7 @@ class TrainingRun:
         if not isinstance(saved, Mapping):
             return
         current = self.cfg.to_dict()
-        free = set(self.runtime_keys) | set(self.provenance_keys)
+        free = set(self.changeable_keys()) | set(self.provenance_keys)
         changed = [
             f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and k not in free and saved[k] != v
         ]
@@ -622,7 +677,7 @@ class TrainingRun:
         if changed:
             raise ConfigError(
                 f"{source} continues a run that this launch changes: {'; '.join(changed)}. A resumed run keeps its "
-                f"config (only {', '.join(self.runtime_keys)} may change); to train with these values, "
+                f"config (only {', '.join(self.changeable_keys())} may change); to train with these values, "
                 f"{self.new_run_advice.format(source=source)}"
             )
         if dataclasses.is_dataclass(self.cfg):
@@ -636,8 +691,11 @@ class TrainingRun:
             with open(self.out / "log.txt", "a") as f:
                 f.write(msg + "\n")
 
-    def progress_bar(self, iterable: Iterable | None = None, **kwargs: Any) -> tqdm:
-        return tqdm(iterable, disable=not self.progress, **kwargs)
+    def progress_bar(self, iterable: Iterable | None = None, **kwargs: Any) -> tqdm | PlainProgress:
+        """A tqdm bar on a terminal; else a :class:`PlainProgress` (a line per ``set_postfix``, or silent)."""
+        if self.progress:
+            return tqdm(iterable, **kwargs)
+        return PlainProgress(iterable, enabled=self.report_progress, **kwargs)
 
     def write_resolved_config(self, resumed_from: str | os.PathLike | None = None) -> None:
         """``config.yaml`` beside the outputs: the config that runs (a resume's is the checkpoint's), the code's git
@@ -646,6 +704,13 @@ class TrainingRun:
         if resumed_from is not None:
             resolved["resumed_from"] = str(resumed_from)
         (self.out / "config.yaml").write_text(yaml.safe_dump(resolved | self.config_extras(), sort_keys=False))
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced by an object without isatty, or closed
+        return False
 
 
 def _position(epoch: int | None, step: int) -> str:

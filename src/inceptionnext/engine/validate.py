@@ -15,7 +15,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from ..data import DataError, ReadableBatches, SeededTransform, build_dataset, collate_readable
+from ..data import DataError, ReadableBatches, SeededTransform, ShardStream, build_dataset, collate_readable
 from ..errors import ConfigError
 from ..inference import eval_transform, load_model
 from .classification import evaluate
@@ -68,11 +68,18 @@ def validate(
     dist = init_distributed()
     try:
         model.to(dist.device)
+        if isinstance(dataset, ShardStream):  # shards: split among ranks and workers by the stream itself
+            eval_set, sampler = dataset.configure(transform, 0, dist.rank, dist.world_size, batch_size), None
+        else:
+            eval_set, sampler = (
+                SeededTransform(dataset, transform),
+                ShardSampler(len(dataset), dist.rank, dist.world_size),
+            )
         loader = DataLoader(
-            SeededTransform(dataset, transform),
+            eval_set,
             batch_size,
             num_workers=workers,
-            sampler=ShardSampler(len(dataset), dist.rank, dist.world_size),
+            sampler=sampler,
             collate_fn=collate_readable,
         )
         amp_dtype, _ = autocast_settings(dist.device, amp)

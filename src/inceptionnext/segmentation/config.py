@@ -77,6 +77,9 @@ class SegConfig:
     aug_test: bool = _f(False, "multi-scale (0.5-1.75) + flip evaluation")
     # runtime
     amp: str = _f("auto", "mixed precision (CPU runs fp32)", choices=AMP_MODES)
+    fused_mixer: bool = _f(
+        False, "run the backbone's Inception mixers with the fused Triton kernel (CUDA; opt-in until measured)"
+    )
     seed: int = _f(0, "seed of everything")
     output: str = _f("output/segment", "directory for checkpoints, config, logs and plots")
     log_interval: int = _f(50, "steps between loss checks and progress updates")

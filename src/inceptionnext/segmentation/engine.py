@@ -23,6 +23,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ..checkpoint import CheckpointError
+from ..engine.classification import use_fused_mixer
 from ..engine.optim import build_optimizer
 from ..engine.run import TrainingRun, launch
 from ..engine.runtime import ShardSampler, autocast, batches_from_step
@@ -53,7 +54,8 @@ def poly_lr(step: int, cfg: SegConfig, base_lr: float) -> float:
 
 
 def build_segmentor(cfg: SegConfig, num_classes: int) -> Segmentor:
-    return create_segmentor(
+    """The segmentor of ``cfg``; ``fused_mixer`` swaps the backbone's Inception mixers for the Triton ones."""
+    segmentor = create_segmentor(
         cfg.head,
         cfg.backbone,
         num_classes,
@@ -63,6 +65,9 @@ def build_segmentor(cfg: SegConfig, num_classes: int) -> Segmentor:
         pretrained=cfg.pretrained and not cfg.backbone_checkpoint,
         backbone_checkpoint=cfg.backbone_checkpoint,
     )
+    if cfg.fused_mixer:
+        use_fused_mixer(segmentor.backbone, cfg.backbone)
+    return segmentor
 
 
 def seg_loss(model: nn.Module, outputs: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:
@@ -165,6 +170,7 @@ class SegmentationRun(TrainingRun):
     best_key = "mIoU"
     checkpoint_keys = ("class_names",)
     nan_advice = "Lower the learning rate (--lr) or use --amp fp32/bf16 instead of fp16."
+    runtime_keys = (*TrainingRun.runtime_keys, "fused_mixer")
 
     def initial_best(self) -> dict[str, Any]:
         return {"mIoU": -1.0, "step": 0}

@@ -1,0 +1,251 @@
+"""Training defaults of issue 12: EMA BatchNorm recalibration, the opt-in fused mixer, logs without a terminal."""
+
+import copy
+import dataclasses
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from timm.utils import ModelEmaV3
+from torch import nn
+
+from inceptionnext.cli import main
+from inceptionnext.engine import resolve_config, train
+from inceptionnext.engine.classification import build_model
+from inceptionnext.engine.ema import RecalibrationBatches, recalibrate_bn
+from inceptionnext.engine.run import FAULT_ENV
+from inceptionnext.errors import ConfigError
+from inceptionnext.layers import TritonInceptionDWConv2d
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32)[:, None] / 16, torch.tensor(d.target)
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32), nn.ReLU(), nn.Dropout(0.5), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def _scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    model.eval()
+    logits = model(x)
+    return 100 * (logits.argmax(1) == y).float().mean().item(), nn.functional.cross_entropy(logits, y).item()
+
+
+def _lagging_ema(steps: int = 20) -> tuple[nn.Module, ModelEmaV3, torch.Tensor, torch.Tensor]:
+    """A fast run (high lr, few steps): the EMA's BatchNorm statistics trail its weights."""
+    torch.manual_seed(0)
+    x, y = _digits()
+    model = _bn_net()
+    ema = ModelEmaV3(model, decay=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    for step in range(steps):
+        idx = torch.randint(0, 1400, (64,))
+        loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ema.update(model, step=step + 1)
+    return model, ema, x, y
+
+
+def test_recalibrated_ema_statistics_are_the_batches_cumulative_statistics_and_score_much_better():
+    model, ema, x, y = _lagging_ema()
+    raw_state = copy.deepcopy(model.state_dict())
+    val_x, val_y = x[1400:], y[1400:]
+    lagging = _scores(ema.module, val_x, val_y)
+    batches = [x[i : i + 64] for i in range(0, 64 * 8, 64)]
+    bns = [m for m in ema.module.modules() if isinstance(m, nn.BatchNorm2d)]
+    inputs: dict[nn.Module, list[torch.Tensor]] = {m: [] for m in bns}
+    hooks = [m.register_forward_pre_hook(lambda m, a: inputs[m].append(a[0].detach())) for m in bns]
+    weights = {k: v.clone() for k, v in ema.module.state_dict().items() if "running" not in k}
+    rng = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    ema.module.eval()
+
+    assert recalibrate_bn(ema.module, batches) == len(batches)
+
+    for h in hooks:
+        h.remove()
+    for m in bns:  # the cumulative average of each batch's mean and unbiased variance, computed directly
+        assert len(inputs[m]) == len(batches)
+        mean = torch.stack([t.mean((0, 2, 3)) for t in inputs[m]]).mean(0)
+        var = torch.stack([t.transpose(0, 1).flatten(1).var(1, unbiased=True) for t in inputs[m]]).mean(0)
+        torch.testing.assert_close(m.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.running_var, var, rtol=1e-5, atol=1e-6)
+        assert m.momentum == 0.1  # restored
+    # the statistics only: weights, num_batches_tracked, modes, the raw model and every RNG are as they were
+    for k, v in ema.module.state_dict().items():
+        if "running" not in k:
+            assert torch.equal(v, weights[k]), k
+    assert not any(m.training for m in ema.module.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, raw_state[k]), k
+    assert torch.equal(torch.get_rng_state(), rng[0]) and np.array_equal(np.random.get_state()[1], rng[1])
+    assert random.getstate() == rng[2]
+    recalibrated = _scores(ema.module, val_x, val_y)
+    assert recalibrated[0] > lagging[0] + 30 and recalibrated[1] < lagging[1] - 0.3, (lagging, recalibrated)
+
+
+def test_recalibration_batches_are_a_fixed_draw_per_epoch_and_leave_the_global_rng_alone():
+    x, y = _digits()
+    data = list(zip(x[:300], y[:300].tolist()))
+    make = dict(num_batches=4, batch_size=16, seed=3)
+    first = RecalibrationBatches(data, lambda t: t * 2, **make)
+    rng = torch.get_rng_state()
+    a = [b.clone() for b in first(0, torch.device("cpu"))]
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert len(a) == 4 and a[0].shape == (16, 1, 8, 8)
+    again = [b.clone() for b in RecalibrationBatches(data, lambda t: t * 2, **make)(0, torch.device("cpu"))]
+    assert all(torch.equal(p, q) for p, q in zip(a, again))  # a resumed run draws the same images
+    other_epoch = list(first(1, torch.device("cpu")))
+    assert not all(torch.equal(p, q) for p, q in zip(a, other_epoch))
+    # two processes draw disjoint images; never more than an epoch's batches
+    ranks = [RecalibrationBatches(data, lambda t: t, **make, rank=r, world_size=2) for r in (0, 1)]
+    idx = [set(iter(r.sampler)) for r in ranks]
+    assert len(idx[0]) == len(idx[1]) == 64 and not idx[0] & idx[1]
+    assert RecalibrationBatches(data, lambda t: t, num_batches=100, batch_size=16, seed=0).num_batches == 300 // 16
+
+
+def test_layernorm_model_is_left_alone():
+    model = build_model(resolve_config(None, {"model_kwargs": {"norm": "layernorm"}, "img_size": 32}), 4)
+    state = copy.deepcopy(model.state_dict())
+    assert recalibrate_bn(model, [torch.randn(2, 3, 32, 32)]) == 0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def _cfg(out: Path, data: Path, **kw):
+    base = dict(
+        model="inceptionnext_atto", data=str(data), img_size=32, epochs=1, batch_size=16, lr=2e-3, lr_base_batch=16,
+        warmup_epochs=0.5, aa=None, color_jitter=0.0, hflip=0.0, reprob=0.0, mixup=0.0, cutmix=0.0, drop_path=0.0,
+        workers=0, output=str(out), crop_pct=1.0, log_interval=2, model_ema=True, model_ema_decay=0.9,
+    )  # fmt: skip
+    base.update(kw)
+    return resolve_config(None, base)
+
+
+def test_recalibration_changes_only_the_ema_statistics_and_is_a_no_op_for_layernorm(tmp_path, digits_folder):
+    runs = {}
+    for norm in ("batchnorm", "layernorm"):
+        for recal in (0, 32):
+            out = tmp_path / f"{norm}{recal}"
+            # two epochs with drop path and Mixup (global RNG): epoch 2 trains after epoch 1's recalibration
+            cfg = _cfg(out, digits_folder, ema_bn_recal=recal, model_kwargs={"norm": norm}, epochs=2)
+            train(dataclasses.replace(cfg, drop_path=0.1, mixup=0.2))
+            runs[norm, recal] = torch.load(out / "last.pth", weights_only=True)
+    for norm in ("batchnorm", "layernorm"):
+        off, on = runs[norm, 0], runs[norm, 32]
+        for k in off["model"]:  # the raw model and its training (data order, RNG streams) are untouched
+            assert torch.equal(off["model"][k], on["model"][k]), k
+        changed = {k for k in off["ema"] if not torch.equal(off["ema"][k], on["ema"][k])}
+        if norm == "layernorm":
+            assert not changed
+        else:  # the EMA's running statistics, nothing else
+            assert changed and all(k.endswith(("running_mean", "running_var")) for k in changed), changed
+
+
+def _run_cli(args: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inceptionnext", "train", *args], text=True,
+                          env={**os.environ, **(env or {})}, timeout=600, **kw)  # fmt: skip
+
+
+def _cli_args(out: Path, data: Path, *extra: str) -> list[str]:
+    return [
+        "--data", str(data), "--output", str(out), "--model", "inceptionnext_atto", "--img-size", "32",
+        "--epochs", "2", "--batch-size", "16", "--lr", "2e-3", "--lr-base-batch", "16", "--warmup-epochs", "1",
+        "--aa", "none", "--hflip", "0.5", "--scale", "0.6", "1.0", "--reprob", "0", "--mixup", "0.2",
+        "--cutmix", "0", "--drop-path", "0.1", "--workers", "0", "--crop-pct", "1.0", "--log-interval", "2",
+        "--model-ema", "--model-ema-decay", "0.9", "--ema-bn-recal", "3", *extra,
+    ]  # fmt: skip
+
+
+def test_killed_run_with_ema_recalibration_resumes_to_the_same_weights(tmp_path, digits_folder):
+    full = _run_cli(_cli_args(tmp_path / "full", digits_folder), capture_output=True)
+    assert full.returncode == 0, full.stderr
+    killed = _run_cli(_cli_args(tmp_path / "cut", digits_folder), env={FAULT_ENV: "9"}, capture_output=True)
+    assert killed.returncode == 137
+    resumed = _run_cli(_cli_args(tmp_path / "cut", digits_folder), capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            torch.testing.assert_close(b[part][k], a[part][k], rtol=0, atol=0, msg=f"{part}.{k}")
+
+
+def test_log_without_a_terminal_has_step_lines_and_no_bar_redraws(tmp_path, digits_folder):
+    env = {k: v for k, v in os.environ.items() if k != "INCEPTIONNEXT_NO_PROGRESS"}
+    args = _cli_args(tmp_path / "run", digits_folder, "--epochs", "2", "--no-model-ema")
+    with open(tmp_path / "stderr.txt", "w") as err, open(tmp_path / "stdout.txt", "w") as out:
+        done = subprocess.run([sys.executable, "-m", "inceptionnext", "train", *args], stdout=out, stderr=err,
+                              env=env, timeout=600)  # fmt: skip
+    log = (tmp_path / "stderr.txt").read_text()
+    assert done.returncode == 0, log
+    text = log + (tmp_path / "stdout.txt").read_text()
+    assert "\r" not in text
+    steps = [line for line in log.splitlines() if " step " in line]
+    # 6 steps per epoch, a line every 2: steps 2, 4, 6 of each epoch
+    assert [s.split(":")[0] for s in steps] == [f"epoch {e}/2 step {n}/6" for e in (1, 2) for n in (2, 4, 6)]
+    assert all("loss " in s and "lr " in s for s in steps)
+    assert "epoch 2/2: train loss" in (tmp_path / "stdout.txt").read_text()  # and a line per epoch
+
+
+def test_no_progress_variable_still_silences_the_step_lines(tmp_path, digits_folder, capfd, monkeypatch):
+    monkeypatch.setenv("INCEPTIONNEXT_NO_PROGRESS", "1")
+    train(_cfg(tmp_path / "quiet", digits_folder, model_ema=False))
+    err = capfd.readouterr().err
+    assert " step " not in err and "\r" not in err
+    monkeypatch.delenv("INCEPTIONNEXT_NO_PROGRESS")  # without it (and without a terminal): the lines, no bars
+    train(_cfg(tmp_path / "loud", digits_folder, model_ema=False))
+    err = capfd.readouterr().err
+    assert "epoch 1/1 step 6/6: loss" in err and "\r" not in err
+
+
+def test_fused_mixer_flag_reaches_the_model_and_is_refused_without_an_inception_mixer(capsys):
+    assert resolve_config(None).fused_mixer is False  # cuDNN's path stays the default
+    assert main(["train", "--recipe", "digits", "--fused-mixer", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["fused_mixer"] is True
+    model = build_model(resolve_config(None, {"fused_mixer": True, "img_size": 32}), 4)
+    mixers = [m for m in model.modules() if "Inception" in type(m).__name__]
+    assert mixers and all(isinstance(m, TritonInceptionDWConv2d) for m in mixers)
+    plain = build_model(resolve_config(None, {"img_size": 32}), 4)
+    assert not any(isinstance(m, TritonInceptionDWConv2d) for m in plain.modules())
+    assert list(model.state_dict()) == list(plain.state_dict())  # same checkpoint keys
+    with pytest.raises(ConfigError, match="fused_mixer: convnext_atto has no Inception"):
+        build_model(resolve_config(None, {"model": "convnext_atto", "fused_mixer": True, "img_size": 32}), 4)
+
+
+def test_fused_mixer_reaches_the_segmentation_backbone():
+    from inceptionnext.segmentation.config import resolve_seg_config
+    from inceptionnext.segmentation.engine import build_segmentor
+
+    cfg = resolve_seg_config(None, {"backbone": "inceptionnext_atto", "fused_mixer": True, "head": "fpn"})
+    mixers = [m for m in build_segmentor(cfg, 4).backbone.modules() if "Inception" in type(m).__name__]
+    assert mixers and all(isinstance(m, TritonInceptionDWConv2d) for m in mixers)
+
+
+def test_benchmark_triton_impl_measures_the_swapped_model_and_leaves_the_given_one_alone():
+    from inceptionnext import create_model
+    from inceptionnext.benchmark import measure
+
+    model = create_model("inceptionnext_atto", num_classes=10)
+    for mode in ("infer", "train"):
+        m = measure("inceptionnext_atto", impl="triton", mode=mode, device="cpu", batch_size=2, img_size=32, warmup=1,
+                    steps=1, model=create_model("inceptionnext_atto", num_classes=10) if mode == "train" else model,
+                    protocol="this")  # fmt: skip
+        assert m.error is None and m.step_ms_median > 0, m.error
+    assert not any(isinstance(x, TritonInceptionDWConv2d) for x in model.modules())  # measured on a copy
+    bad = measure("convnext_atto", impl="triton", device="cpu", batch_size=2, img_size=32, warmup=1, steps=1)
+    assert "needs one of this package's models" in bad.error
