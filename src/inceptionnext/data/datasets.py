@@ -92,6 +92,16 @@ class DigitsDataset(Dataset):
         return (self.transform(img) if self.transform else img), self.targets[index]
 
 
+def unreadable_image(name: str, error: Exception, skip_log: str | os.PathLike | None) -> UnreadableImage:
+    """The stand-in for an image that could not be read, logged (``NAME<TAB>reason``) to ``skip_log`` when given."""
+    cause = error.__cause__ or error
+    reason = f"{type(cause).__name__}: {cause}"
+    if skip_log is not None:
+        with open(skip_log, "a") as f:
+            f.write(f"{name}\t{reason}\n")
+    return UnreadableImage(name, reason)
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>`` (ImageNet's layout), checked up front; images read by :func:`.images.read_image`.
 
@@ -156,12 +166,7 @@ class ImageFolderDataset(Dataset):
         try:
             img = read_image(path)
         except ImageError as e:
-            cause = e.__cause__ or e
-            reason = f"{type(cause).__name__}: {cause}"
-            if self.skip_log is not None:
-                with open(self.skip_log, "a") as f:
-                    f.write(f"{path}\t{reason}\n")
-            return UnreadableImage(path, reason)
+            return unreadable_image(path, e, self.skip_log)
         self._readable_classes.add(self.samples[j][1])
         return img
 

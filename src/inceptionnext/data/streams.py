@@ -45,7 +45,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, default_collate, get_worker_info
 
-from .datasets import IMG_EXTENSIONS, DataError, ImageFolderDataset, SeededTransform, UnreadableImage
+from .datasets import (
+    IMG_EXTENSIONS,
+    DataError,
+    ImageFolderDataset,
+    SeededTransform,
+    UnreadableImage,
+    unreadable_image,
+)
 from .datasets import build_dataset as build_local_dataset
 from .images import ImageError, read_image
 
@@ -206,12 +213,7 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"no image in the sample (keys {sorted(k for k in sample if k[:2] != '__')})")
             return read_image(io.BytesIO(sample[ext])), target
         except (ImageError, KeyError, ValueError) as e:
-            cause = e.__cause__ or e
-            reason = f"{type(cause).__name__}: {cause}"
-            if self.skip_log is not None:
-                with open(self.skip_log, "a") as f:
-                    f.write(f"{name}\t{reason}\n")
-            return UnreadableImage(name, reason), target
+            return unreadable_image(name, e, self.skip_log), target
 
     def _apply(self, img: Any, index: int) -> Any:
         return self.seeded.apply(img, index) if self.seeded is not None else img
@@ -379,12 +381,7 @@ class HFImageDataset(Dataset):
                 return read_image(io.BytesIO(item["bytes"]))
             return read_image(item["path"])
         except (ImageError, TypeError) as e:
-            cause = e.__cause__ or e
-            reason = f"{type(cause).__name__}: {cause}"
-            if self.skip_log is not None:
-                with open(self.skip_log, "a") as f:
-                    f.write(f"{name}\t{reason}\n")
-            return UnreadableImage(name, reason)
+            return unreadable_image(name, e, self.skip_log)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         for step in range(len(self) if self.unreadable == "next" else 1):
