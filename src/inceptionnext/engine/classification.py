@@ -10,7 +10,6 @@ import inspect
 import os
 import re
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -23,7 +22,6 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
 from ..data import (
     DataError,
     ReadableBatches,
@@ -297,24 +295,9 @@ class ClassificationRun(TrainingRun):
     # ------------------------------------------------------------------------------------------------ state
     def task_state(self) -> dict[str, Any]:
         pre = eval_preprocessing(self.cfg, self.model_cfg)
-        return {
+        return super().task_state() | {
             "model_name": self.cfg.model,
-            "class_names": self.class_names,
             "eval_preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in pre.items()},
-        }
-
-    def load_task_state(self, ckpt: Mapping[str, Any], source: str) -> None:
-        if list(ckpt["class_names"]) != self.class_names:
-            raise CheckpointError(
-                f"{source} was trained on the classes {list(ckpt['class_names'])[:5]}..., the data has "
-                f"{self.class_names[:5]}...: it cannot resume this run"
-            )
-
-    def config_extras(self) -> dict[str, Any]:
-        return {
-            "effective_batch": self.cfg.effective_batch(self.dist.world_size),
-            "scaled_lr": self.lr,
-            "num_classes": len(self.class_names),
         }
 
     def describe(self) -> str:

@@ -231,6 +231,8 @@ class TrainingRun:
         self.ema: Any = None  # timm ModelEmaV3 (or anything with .module and .update(model, step=))
         self.scheduler: Any = None  # timm scheduler (or anything with step_update(step) and state_dict())
         self.clip_grad: float | None = None
+        self.class_names: list[str] | None = None  # a classifying task's classes: checkpointed, checked on resume
+        self.lr: float | None = None  # the peak lr of this launch (scaled to its batch), for config.yaml
         self.step = 0  # optimizer steps done
         self.epoch: int | None = None  # the epoch under way (0-based) in an epoch-counted run
         self.start_epoch = 0
@@ -267,15 +269,29 @@ class TrainingRun:
         return {self.best_key: row[self.best_key], self.x_column: row[self.x_column]}
 
     def task_state(self) -> dict[str, Any]:
-        """Entries the task adds to its checkpoints (class names, preprocessing, ...)."""
-        return {}
+        """Entries the task adds to its checkpoints: :attr:`class_names` when set (extend for preprocessing, ...)."""
+        return {} if self.class_names is None else {"class_names": list(self.class_names)}
 
     def load_task_state(self, ckpt: Mapping[str, Any], source: str) -> None:
-        """Check (and restore) the task's own entries of a checkpoint being resumed; raise CheckpointError."""
+        """Check (and restore) the task's own entries of a checkpoint being resumed; raise CheckpointError. A run
+        trained on other classes cannot be continued on this data."""
+        if self.class_names is not None and "class_names" in ckpt and list(ckpt["class_names"]) != self.class_names:
+            raise CheckpointError(
+                f"{source} was trained on the classes {list(ckpt['class_names'])[:5]}..., the data has "
+                f"{self.class_names[:5]}...: it cannot resume this run"
+            )
 
     def config_extras(self) -> dict[str, Any]:
-        """Values of this launch written to ``config.yaml`` after the config (effective batch, scaled lr, ...)."""
-        return {}
+        """Values of this launch written to ``config.yaml`` after the config: the effective batch and scaled lr
+        (when the config and :attr:`lr` have them) and the number of classes."""
+        extras: dict[str, Any] = {}
+        if hasattr(self.cfg, "effective_batch"):
+            extras["effective_batch"] = self.cfg.effective_batch(self.dist.world_size)
+        if self.lr is not None:
+            extras["scaled_lr"] = self.lr
+        if self.class_names is not None:
+            extras["num_classes"] = len(self.class_names)
+        return extras
 
     def describe(self) -> str | None:
         """A line of ``log.txt`` describing this launch (data, batch, learning rate, device)."""

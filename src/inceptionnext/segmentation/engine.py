@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,7 +21,6 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
 from ..engine.classification import use_fused_mixer
 from ..engine.optim import build_optimizer
 from ..engine.run import TrainingRun, launch
@@ -203,23 +201,6 @@ class SegmentationRun(TrainingRun):
                 f"{len(self.train_set)} training images give no batch of {cfg.batch_size} per process: "
                 "lower --batch-size"
             )
-
-    def task_state(self) -> dict[str, Any]:
-        return {"class_names": self.class_names}
-
-    def load_task_state(self, ckpt: Mapping[str, Any], source: str) -> None:
-        if list(ckpt["class_names"]) != self.class_names:
-            raise CheckpointError(
-                f"{source} was trained on the classes {list(ckpt['class_names'])[:5]}..., the data has "
-                f"{self.class_names[:5]}...: it cannot resume this run"
-            )
-
-    def config_extras(self) -> dict[str, Any]:
-        return {
-            "effective_batch": self.cfg.effective_batch(self.dist.world_size),
-            "scaled_lr": self.lr,
-            "num_classes": len(self.class_names),
-        }
 
     def describe(self) -> str:
         cfg = self.cfg
