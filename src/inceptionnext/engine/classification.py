@@ -33,7 +33,7 @@ from ..data import (
     eval_preprocessing,
 )
 from ..errors import ConfigError
-from ..layers import InceptionDWConv2d, set_triton_mixers
+from ..layers.fused import use_fused_mixer
 from ..models import get_entry, is_model
 from ..models.factory import create_any_model
 from ..models.metanext import MetaNeXt
@@ -43,7 +43,7 @@ from .optim import build_optimizer, build_scheduler
 from .run import TrainingRun, launch
 from .runtime import ShardSampler, autocast
 
-__all__ = ["ClassificationRun", "build_model", "evaluate", "train", "use_fused_mixer"]
+__all__ = ["ClassificationRun", "build_model", "evaluate", "train"]
 
 
 @torch.inference_mode()
@@ -103,17 +103,6 @@ def _check_model_options(cfg: TrainConfig) -> None:
             f"ls_init_value: {cfg.model} has no LayerScale, and ls_init_value {cfg.ls_init_value:g} would add it "
             "and train another model; set ls_init_value: null (--ls-init-value none) to keep the model as defined"
         )
-
-
-def use_fused_mixer(model: nn.Module, name: str) -> nn.Module:
-    """``--fused-mixer``: swap ``model``'s Inception mixers for the fused Triton ones (in place, same parameters).
-
-    A model without an Inception mixer (``convnext_*``, timm's models, a Table 8 ablation with another mixer) is a
-    :class:`ConfigError`: the flag would otherwise do nothing and say nothing.
-    """
-    if not any(isinstance(m, InceptionDWConv2d) for m in model.modules()):
-        raise ConfigError(f"fused_mixer: {name} has no Inception depthwise mixer to fuse; leave --fused-mixer off")
-    return set_triton_mixers(model)
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:

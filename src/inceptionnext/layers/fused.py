@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from ..kernels import inception_dwconv, supports
 from .mixers import InceptionDWConv2d
 from .swap import replace_modules, share_as
 
-__all__ = ["TritonInceptionDWConv2d", "set_triton_mixers"]
+__all__ = ["TritonInceptionDWConv2d", "set_triton_mixers", "use_fused_mixer"]
 
 _KERNEL_BRANCHES = ("hw", "w", "h")  # the layout the kernel implements: square, 1 x k_b, k_b x 1, in parallel
 
@@ -65,3 +66,14 @@ def set_triton_mixers(model: nn.Module, enable: bool = True) -> nn.Module:
     src, dst = (InceptionDWConv2d, TritonInceptionDWConv2d) if enable else (TritonInceptionDWConv2d, InceptionDWConv2d)
     replace_modules(model, lambda m: share_as(dst, m) if type(m) is src else None)
     return model
+
+
+def use_fused_mixer(model: nn.Module, name: str) -> nn.Module:
+    """``--fused-mixer``: swap ``model``'s Inception mixers for the fused Triton ones (in place, same parameters).
+
+    A model without an Inception mixer (``convnext_*``, timm's models, a Table 8 ablation with another mixer) is a
+    :class:`~inceptionnext.errors.ConfigError`: the flag would otherwise do nothing and say nothing.
+    """
+    if not any(isinstance(m, InceptionDWConv2d) for m in model.modules()):
+        raise ConfigError(f"fused_mixer: {name} has no Inception depthwise mixer to fuse; leave --fused-mixer off")
+    return set_triton_mixers(model)

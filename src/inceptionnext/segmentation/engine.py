@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ..engine.classification import use_fused_mixer
 from ..engine.optim import build_optimizer
 from ..engine.run import TrainingRun, launch
 from ..engine.runtime import ShardSampler, autocast, batches_from_step
 from ..errors import ConfigError
+from ..layers.fused import use_fused_mixer
 from .config import SegConfig
 from .data import IGNORE_INDEX, EvalPipeline, TrainPipeline, build_seg_dataset
 from .metrics import ConfusionMatrix
