@@ -249,3 +249,59 @@ def test_benchmark_triton_impl_measures_the_swapped_model_and_leaves_the_given_o
     assert not any(isinstance(x, TritonInceptionDWConv2d) for x in model.modules())  # measured on a copy
     bad = measure("convnext_atto", impl="triton", device="cpu", batch_size=2, img_size=32, warmup=1, steps=1)
     assert "needs one of this package's models" in bad.error
+
+
+def test_persistent_loader_workers_give_the_run_of_no_workers_and_resume_exactly(tmp_path, digits_folder):
+    """Workers live across epochs (persistent) and never see ``set_epoch``: the (epoch, index) keys still seed every
+    sample with its epoch. Before the keys, the second epoch of a 2-worker run replayed the first one's crops and
+    flips, so its weights differed from the in-process run's; a kill in epoch 2 + resume must also match."""
+    common = ("--no-model-ema", "--epochs", "2")
+    inproc = _run_cli(_cli_args(tmp_path / "w0", digits_folder, *common), capture_output=True)
+    assert inproc.returncode == 0, inproc.stderr
+    two = _run_cli(_cli_args(tmp_path / "w2", digits_folder, *common, "--workers", "2"), capture_output=True)
+    assert two.returncode == 0, two.stderr
+    killed = _run_cli(
+        _cli_args(tmp_path / "cut", digits_folder, *common, "--workers", "2"), env={FAULT_ENV: "9"}, capture_output=True
+    )
+    assert killed.returncode == 137
+    resumed = _run_cli(_cli_args(tmp_path / "cut", digits_folder, *common, "--workers", "2"), capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "w0" / "last.pth", weights_only=True)["model"]
+    for run in ("w2", "cut"):
+        b = torch.load(tmp_path / run / "last.pth", weights_only=True)["model"]
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{run}: {k}")
+
+
+def test_seeded_transform_gives_the_same_sample_in_a_worker_and_in_process_and_follows_the_epoch_key():
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from inceptionnext.data import DigitsDataset, EpochIndices, SeededTransform
+
+    tf = transforms.Compose(
+        [transforms.RandomResizedCrop(16), transforms.RandomHorizontalFlip(), transforms.ToTensor()]
+    )
+    ds = SeededTransform(DigitsDataset("val", 32), tf, seed=5)
+    sampler = EpochIndices(range(8))
+    batches = {}
+    for workers in (0, 2):
+        loader = DataLoader(ds, 4, sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+        for epoch in (0, 1):
+            sampler.set_epoch(epoch)
+            batches[workers, epoch] = torch.cat([x for x, _ in loader])
+    assert torch.equal(batches[0, 0], batches[2, 0]) and torch.equal(batches[0, 1], batches[2, 1])
+    assert not torch.equal(batches[2, 0], batches[2, 1])  # the persistent workers saw epoch 1
+    ds.set_epoch(1)
+    assert torch.equal(ds[3][0], batches[0, 1][3]) and torch.equal(ds[(0, 3)][0], batches[0, 0][3])
+
+
+def test_channels_last_and_persistent_workers_are_the_defaults():
+    from inceptionnext.engine.runtime import loader_options
+
+    cfg = resolve_config(None)
+    assert cfg.channels_last is True
+    kw = loader_options(2, torch.device("cpu"), persistent=True)
+    assert kw["persistent_workers"] is True and kw["pin_memory"] is False and kw["generator"] is not None
+    assert loader_options(2, torch.device("cuda"), persistent=False)["pin_memory"] is True
+    assert "persistent_workers" not in loader_options(0, torch.device("cpu"), persistent=True)

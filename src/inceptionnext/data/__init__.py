@@ -1,6 +1,7 @@
 from .datasets import (
     DataError,
     DigitsDataset,
+    EpochIndices,
     ImageFolderDataset,
     ReadableBatches,
     SeededTransform,
@@ -14,6 +15,7 @@ from .transforms import build_transform, eval_preprocessing
 __all__ = [
     "DataError",
     "DigitsDataset",
+    "EpochIndices",
     "HFImageDataset",
     "IMAGE_SUFFIXES",
     "ImageError",

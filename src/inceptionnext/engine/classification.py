@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from ..data import (
     DataError,
+    EpochIndices,
     ReadableBatches,
     SeededTransform,
     ShardStream,
@@ -41,7 +42,7 @@ from .config import TrainConfig
 from .ema import RecalibrationBatches, batchnorm_layers, recalibrate_bn
 from .optim import build_optimizer, build_scheduler
 from .run import TrainingRun, launch
-from .runtime import ShardSampler, autocast
+from .runtime import ShardSampler, autocast, loader_options
 
 __all__ = ["ClassificationRun", "build_model", "evaluate", "train"]
 
@@ -191,11 +192,14 @@ class ClassificationRun(TrainingRun):
         else:
             self.train_set = SeededTransform(train_base, train_tf, cfg.seed)
             self.val_set = SeededTransform(val_base, val_tf, cfg.seed)
-            self.sampler = DistributedSampler(
-                self.train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+            # (epoch, index) keys: the workers live across epochs and still seed every sample with its epoch
+            self.sampler = EpochIndices(
+                DistributedSampler(
+                    self.train_set, dist.world_size, dist.rank, shuffle=True, seed=cfg.seed, drop_last=True
+                )
             )
             val_sampler = ShardSampler(len(self.val_set), dist.rank, dist.world_size)
-        loader_kw = dict(num_workers=cfg.workers, pin_memory=dist.device.type == "cuda")
+        loader_kw = loader_options(cfg.workers, dist.device, persistent=self.sampler is not None, seed=cfg.seed)
         self.train_loader = DataLoader(
             self.train_set, cfg.batch_size, sampler=self.sampler, drop_last=True, **loader_kw
         )

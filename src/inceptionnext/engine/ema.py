@@ -148,6 +148,7 @@ class RecalibrationBatches:
             sampler=self.sampler,
             num_workers=workers,
             pin_memory=pin_memory,
+            persistent_workers=workers > 0,  # the draw is made here, in the sampler: workers need not restart
             # the loader's own generator: its base seed is not drawn from (and does not advance) the global RNG
             generator=torch.Generator().manual_seed(seed),
         )

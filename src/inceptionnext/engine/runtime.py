@@ -165,6 +165,22 @@ def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
+def loader_options(workers: int, device: torch.device, *, persistent: bool, seed: int = 0) -> dict[str, Any]:
+    """DataLoader keywords every task uses: pinned memory on CUDA, workers kept alive across epochs where the dataset
+    allows it (``persistent``: its samples do not depend on state set between epochs, see
+    :class:`~inceptionnext.data.EpochIndices`), and a private generator, so creating a loader or its workers never
+    draws from the global RNG (a resumed run would otherwise see other drop-path masks than the uninterrupted one).
+    """
+    kw: dict[str, Any] = dict(
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    if workers > 0:
+        kw.update(persistent_workers=persistent, prefetch_factor=4)
+    return kw
+
+
 class ShardSampler(Sampler[int]):
     """Evaluation sharding without padding: rank r takes indices r, r + world, ... (every sample counted once)."""
 
