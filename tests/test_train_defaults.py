@@ -305,3 +305,44 @@ def test_channels_last_and_persistent_workers_are_the_defaults():
     assert kw["persistent_workers"] is True and kw["pin_memory"] is False and kw["generator"] is not None
     assert loader_options(2, torch.device("cuda"), persistent=False)["pin_memory"] is True
     assert "persistent_workers" not in loader_options(0, torch.device("cpu"), persistent=True)
+
+
+def test_data_make_writes_the_embedded_sets_as_image_folders(tmp_path, capsys):
+    from PIL import Image
+
+    from inceptionnext.data import DataError, DigitsDataset, ImageFolderDataset
+    from inceptionnext.data.embedded import PHOTO_CLASSES, write_image_folder
+
+    assert main(["data", "make", "digits", str(tmp_path / "digits")]) == 0
+    assert "1438 train / 359 val" in capsys.readouterr().out
+    folder, embedded = ImageFolderDataset(tmp_path / "digits" / "val"), DigitsDataset("val", 32)
+    assert len(folder) == len(embedded) == 359
+    path, label = folder.samples[7]  # the file holds exactly the embedded set's pixels (PNG is lossless)
+    k = int(Path(path).stem)
+    assert label == embedded.targets[k]
+    assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), np.asarray(embedded.load(k)))
+
+    info = write_image_folder("photos", tmp_path / "photos", image_size=48, per_class=(3, 2))
+    assert info["counts"] == {"train": 30, "val": 20} and info["classes"] == list(PHOTO_CLASSES)
+    val = ImageFolderDataset(tmp_path / "photos" / "val")
+    assert val.classes == sorted(PHOTO_CLASSES) and Image.open(val.samples[0][0]).size == (48, 48)
+    with pytest.raises(DataError, match="not an empty folder"):  # nothing is overwritten
+        write_image_folder("photos", tmp_path / "photos")
+    with pytest.raises(DataError, match="unknown embedded dataset 'cifar'"):
+        write_image_folder("cifar", tmp_path / "new")
+
+
+def test_photo_crops_of_train_and_val_come_from_disjoint_rows():
+    from inceptionnext.data import embedded
+
+    for split in ("train", "val"):
+        crops = embedded._photo_crops(split, 5, 16, seed=0)
+        assert len(crops) == 5 * len(embedded.PHOTO_CLASSES)
+        for name, _, (y, x, side), crop in crops:
+            img = embedded._photo(name)
+            h, w = img.shape[:2]
+            cut = round(embedded.PHOTO_SPLIT * h)
+            assert (y >= 0 and y + side <= cut) if split == "train" else (cut <= y and y + side <= h), (name, y)
+            assert x >= 0 and x + side <= w and side >= 0.1 * min(h, w)
+            expected = np.asarray(embedded.Image.fromarray(img[y : y + side, x : x + side]).resize((16, 16), 3))
+            assert np.array_equal(np.asarray(crop), expected)

@@ -48,7 +48,10 @@ def _photo(name: str) -> np.ndarray:
     return img[..., :3]
 
 
-def _photo_crops(split: str, per_class: int, image_size: int, seed: int) -> list[tuple[str, int, Image.Image]]:
+def _photo_crops(
+    split: str, per_class: int, image_size: int, seed: int
+) -> list[tuple[str, int, tuple[int, int, int], Image.Image]]:
+    """(photograph, number, (top, left, side), crop resized to ``image_size``) for ``per_class`` crops of each."""
     out = []
     for c, name in enumerate(PHOTO_CLASSES):
         img = _photo(name)
@@ -62,7 +65,7 @@ def _photo_crops(split: str, per_class: int, image_size: int, seed: int) -> list
             y = int(rng.integers(r0, r1 - side + 1))
             x = int(rng.integers(0, w - side + 1))
             crop = Image.fromarray(img[y : y + side, x : x + side]).resize((image_size, image_size), Image.BICUBIC)
-            out.append((name, i, crop))
+            out.append((name, i, (y, x, side), crop))
     return out
 
 
@@ -101,7 +104,7 @@ def write_image_folder(
         size = image_size or 224
         for split, n in zip(("train", "val"), per_class):
             crops = _photo_crops(split, n, size, seed)
-            for cls, i, crop in crops:
+            for cls, i, _, crop in crops:
                 folder = root / split / cls
                 folder.mkdir(parents=True, exist_ok=True)
                 crop.save(folder / f"{cls}_{split}_{i:04d}.jpg", quality=quality)

@@ -122,7 +122,7 @@ class TrainConfig:
     model_ema: bool = _f(False, "keep an EMA of the weights, evaluated alongside the raw model")
     model_ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
     ema_bn_recal: int = _f(
-        32,
+        8,
         "batches per process that recompute the EMA's BatchNorm statistics before each evaluation (0: off; "
         "capped at an epoch's batches; nothing to do for a model without BatchNorm)",
     )
