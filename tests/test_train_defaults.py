@@ -346,3 +346,31 @@ def test_photo_crops_of_train_and_val_come_from_disjoint_rows():
             assert x >= 0 and x + side <= w and side >= 0.1 * min(h, w)
             expected = np.asarray(embedded.Image.fromarray(img[y : y + side, x : x + side]).resize((16, 16), 3))
             assert np.array_equal(np.asarray(crop), expected)
+
+
+def test_fused_adamw_is_the_default_on_cpu_and_follows_the_per_parameter_update():
+    from inceptionnext import create_model
+    from inceptionnext.engine.optim import build_optimizer, fused_update_available
+
+    assert resolve_config(None).fused_optimizer is True
+    models = [create_model("inceptionnext_atto", num_classes=4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = copy.deepcopy(models[0].state_dict())
+    opts = [build_optimizer(m, 1e-2, weight_decay=0.05, fused=f) for m, f in zip(models, (True, False))]
+    assert opts[0].defaults["fused"] is True and not opts[1].defaults.get("fused")
+    # the same gradients into both (gradients of a real loss would differ by rounding after the first step, and
+    # Adam turns a rounding difference of a near-zero gradient into a full-size update)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in models[0].parameters()]
+        for m, o in zip(models, opts):
+            for p, grad in zip(m.parameters(), grads):
+                p.grad = grad.clone()
+            o.step()
+    moved = 0
+    for (k, a), b, init in zip(models[0].state_dict().items(), models[1].state_dict().values(), start.values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)  # rounding only
+        moved += not torch.equal(a, init)
+    assert moved > 100
+    assert not build_optimizer(models[0], 1e-2, opt="sgd", fused=True).defaults.get("fused")
+    assert not fused_update_available("adamw", create_model("inceptionnext_atto", num_classes=4).to("meta"))

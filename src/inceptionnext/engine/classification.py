@@ -142,7 +142,14 @@ class ClassificationRun(TrainingRun):
     best_key = "top1"
     checkpoint_keys = ("epoch", "class_names")
     nan_advice = "Lower the learning rate (--lr), set --clip-grad, or use --amp fp32/bf16 instead of fp16."
-    runtime_keys = (*TrainingRun.runtime_keys, "compile", "channels_last", "grad_checkpointing", "fused_mixer")
+    runtime_keys = (
+        *TrainingRun.runtime_keys,
+        "compile",
+        "channels_last",
+        "grad_checkpointing",
+        "fused_mixer",
+        "fused_optimizer",
+    )
     new_run_advice = "start a new run in another --output, with --initial-checkpoint {source} to start from its weights"
 
     def changeable_keys(self) -> tuple[str, ...]:
@@ -232,7 +239,13 @@ class ClassificationRun(TrainingRun):
 
         self.lr = cfg.scaled_lr(dist.world_size)
         self.optimizer = build_optimizer(
-            model, self.lr, opt=cfg.opt, weight_decay=cfg.weight_decay, eps=cfg.opt_eps, betas=cfg.opt_betas
+            model,
+            self.lr,
+            opt=cfg.opt,
+            weight_decay=cfg.weight_decay,
+            eps=cfg.opt_eps,
+            betas=cfg.opt_betas,
+            fused=cfg.fused_optimizer,
         )
         self.scheduler = build_scheduler(
             self.optimizer,

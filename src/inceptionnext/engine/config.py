@@ -99,6 +99,11 @@ class TrainConfig:
     opt: str = _f("adamw", "optimizer (timm name)")
     opt_eps: float = _f(1e-8, "Adam epsilon")
     opt_betas: list = _f([0.9, 0.999], "Adam betas")
+    fused_optimizer: bool = _f(
+        True,
+        "torch's one-kernel Adam/AdamW update on CPU and CUDA (false: the per-parameter loop that timm's train.py "
+        "gets on a CPU)",
+    )
     weight_decay: float = _f(0.05, "decoupled weight decay (not on norms, biases, LayerScale)")
     clip_grad: float | None = _f(None, "clip the global gradient norm to this value")
     # augmentation and regularisation

@@ -65,6 +65,7 @@ class SegConfig:
         choices=NO_DECAY_RULES,
     )
     betas: list = _f([0.9, 0.999], "AdamW betas")
+    fused_optimizer: bool = _f(True, "torch's one-kernel AdamW update on CPU and CUDA (false: the per-parameter loop)")
     warmup_iters: int = _f(1500, "linear warm-up steps")
     warmup_ratio: float = _f(1e-6, "warm-up starts at lr x warmup_ratio")
     poly_power: float = _f(1.0, "poly decay power")

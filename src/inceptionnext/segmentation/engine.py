@@ -168,7 +168,7 @@ class SegmentationRun(TrainingRun):
     best_key = "mIoU"
     checkpoint_keys = ("class_names",)
     nan_advice = "Lower the learning rate (--lr) or use --amp fp32/bf16 instead of fp16."
-    runtime_keys = (*TrainingRun.runtime_keys, "fused_mixer")
+    runtime_keys = (*TrainingRun.runtime_keys, "fused_mixer", "fused_optimizer")
 
     def initial_best(self) -> dict[str, Any]:
         return {"mIoU": -1.0, "step": 0}
@@ -190,7 +190,12 @@ class SegmentationRun(TrainingRun):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the ADE20K recipes train with SyncBN
         self.lr = cfg.scaled_lr(dist.world_size)
         self.optimizer = build_optimizer(
-            model, self.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, no_decay=cfg.no_decay
+            model,
+            self.lr,
+            weight_decay=cfg.weight_decay,
+            betas=cfg.betas,
+            no_decay=cfg.no_decay,
+            fused=cfg.fused_optimizer,
         )
         self.wrap(model)
         self.sampler = DistributedSampler(
