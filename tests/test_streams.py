@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 pytest.importorskip("webdataset")
@@ -207,6 +209,35 @@ def test_train_from_a_hugging_face_dataset_saved_to_disk(digits_folder, tmp_path
     assert torch.load(out / "last.pth", weights_only=True)["class_names"] == classes
     with pytest.raises(DataError, match="cannot load"):
         build_dataset(f"hf:{tmp_path / 'missing'}", "train", 32)
+
+
+def test_hf_folder_of_parquet_files_reads_the_embedded_image_bytes(digits_folder, tmp_path):
+    """``hf:FOLDER`` of parquet files named by split (the layout of a Hugging Face hub dataset): images are read from
+    the bytes stored in the file (the source folder is deleted before reading)."""
+    import shutil
+
+    import datasets
+
+    copy = tmp_path / "copy"
+    shutil.copytree(digits_folder, copy)
+    classes = sorted(p.name for p in (copy / "train").iterdir())
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=classes)})
+    (tmp_path / "pq").mkdir()
+    expected = {}
+    for split, name in (("train", "train"), ("val", "validation")):
+        files = sorted((copy / split).rglob("*.png"))
+        labels = [classes.index(f.parent.name) for f in files]
+        images = [{"bytes": f.read_bytes(), "path": f.name} for f in files]  # as hub parquet files store them
+        data = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+        data.to_parquet(str(tmp_path / "pq" / f"{name}-00000-of-00001.parquet"))
+        expected[split] = (np.asarray(Image.open(files[3]).convert("RGB")), labels[3], len(files))
+    shutil.rmtree(copy)
+    for split in ("train", "val"):
+        ds = build_dataset(f"hf:{tmp_path / 'pq'}", split, 32, unreadable="skip")
+        img, label = ds[3]
+        pixels, target, n = expected[split]
+        assert len(ds) == n and ds.classes == classes and label == target
+        assert np.array_equal(np.asarray(img), pixels)
 
 
 def _free_port() -> int:
