@@ -92,8 +92,26 @@ def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: in
     return float(last[key])
 
 
+# timm's RandAugment keeps 0 bits in posterize when the noisy magnitude is clipped at 10, which Pillow >= 10 refuses
+# (ValueError in a loader worker, the run ends); Pillow 9, which the official runs used, gave a black image. This
+# package does the latter (data/transforms.py); timm's train.py runs with the same one-line difference, nothing else.
+_TIMM_LAUNCH = """
+import runpy, sys
+from PIL import Image
+import timm.data.auto_augment as aa
+_posterize = aa.posterize
+def posterize(img, bits_to_keep, **kw):
+    return Image.new(img.mode, img.size) if bits_to_keep <= 0 else _posterize(img, bits_to_keep, **kw)
+for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    aa.NAME_TO_OP[name] = posterize
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 def run_timm(w: dict, train_py: Path, data: Path, out: Path, seed: int, epochs: int, workers: int) -> float:
-    cmd = [sys.executable, str(train_py), "--data-dir", str(data), "--train-split", "train", "--val-split", "val"]
+    cmd = [sys.executable, "-c", _TIMM_LAUNCH, str(train_py), "--data-dir", str(data), "--train-split", "train"]
+    cmd += ["--val-split", "val"]
     cmd += ["--num-classes", "10", "--device", "cpu", "--output", str(out.parent), "--experiment", out.name]
     cmd += [*w["timm"], "--seed", str(seed), "--epochs", str(epochs), "-j", str(workers), "--log-interval", "50"]
     _run(cmd, out)

@@ -374,3 +374,31 @@ def test_fused_adamw_is_the_default_on_cpu_and_follows_the_per_parameter_update(
     assert moved > 100
     assert not build_optimizer(models[0], 1e-2, opt="sgd", fused=True).defaults.get("fused")
     assert not fused_update_available("adamw", create_model("inceptionnext_atto", num_classes=4).to("meta"))
+
+
+def test_randaugment_posterize_at_the_clipped_magnitude_gives_a_black_image_instead_of_ending_the_run():
+    """The tiny recipe's ``rand-m9-mstd0.5-inc1`` clips its noisy magnitude at 10, where the increasing posterize
+    keeps 0 bits: Pillow >= 10 raises there (timm's op as installed), Pillow 9, which the official runs used, gave a
+    black image. Found by the train-vs-timm benchmark: the photos workload died in a loader worker."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from inceptionnext.data import build_transform
+
+    cfg = resolve_config("tiny", {"img_size": 32})
+    tf = build_transform(cfg, {"input_size": (3, 32, 32), "crop_pct": 0.875, "interpolation": "bicubic"}, True)
+    ops = [op for t in tf.transforms for op in getattr(t, "ops", ()) if "Posterize" in op.name]
+    assert ops, "the tiny recipe's RandAugment has a posterize op"
+    img = Image.new("RGB", (32, 32), (200, 120, 40))
+    for op in ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10.0, 0.0
+        assert np.asarray(op(img)).max() == 0
+    plain = create_transform(32, is_training=True, auto_augment="rand-m9-mstd0.5-inc1")
+    timm_op = next(op for t in plain.transforms for op in getattr(t, "ops", ()) if op.name == "PosterizeIncreasing")
+    timm_op.prob, timm_op.magnitude, timm_op.magnitude_std = 1.0, 10.0, 0.0
+    with pytest.raises(ValueError, match="bits must be"):
+        timm_op(img)  # if this stops raising, timm fixed it and the override can go
+    timm_op.magnitude = 5.0  # elsewhere the op is timm's: 2 bits kept
+    ours = next(op for op in ops if op.name == "PosterizeIncreasing")
+    ours.magnitude = 5.0
+    assert np.array_equal(np.asarray(ours(img)), np.asarray(timm_op(img)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+from PIL import Image, ImageOps
 from timm.data import create_transform
 
 from ..models.pretrained import resolve_data_config
@@ -46,18 +47,48 @@ def build_transform(cfg: AugmentSettings, model_cfg: Mapping[str, Any], is_train
     pre = eval_preprocessing(cfg, model_cfg)
     if not is_training:
         return create_transform(**pre, is_training=False)
-    return create_transform(
-        pre["input_size"],
-        is_training=True,
-        scale=tuple(cfg.scale),
-        ratio=tuple(cfg.ratio),
-        hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter,  # timm applies it only when auto_augment is off, as in the official runs
-        auto_augment=cfg.aa,
-        interpolation=cfg.train_interpolation,  # "random": bilinear or bicubic per crop (the official default)
-        mean=pre["mean"],
-        std=pre["std"],
-        re_prob=cfg.reprob,
-        re_mode="pixel",
-        re_count=1,
+    return _posterize_like_the_official_runs(
+        create_transform(
+            pre["input_size"],
+            is_training=True,
+            scale=tuple(cfg.scale),
+            ratio=tuple(cfg.ratio),
+            hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter,  # timm applies it only when auto_augment is off, as in the official runs
+            auto_augment=cfg.aa,
+            interpolation=cfg.train_interpolation,  # "random": bilinear or bicubic per crop (the official default)
+            mean=pre["mean"],
+            std=pre["std"],
+            re_prob=cfg.reprob,
+            re_mode="pixel",
+            re_count=1,
+        )
     )
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, with 0 bits kept giving what Pillow gave before it refused 0 (a black image).
+
+    RandAugment's increasing posterize keeps ``4 - int(magnitude / 10 * 4)`` bits: 0 when the noisy magnitude
+    (``mstd0.5`` around 9) is clipped at 10, about 2% of its draws. Pillow 9 (the official runs) returned a black image
+    then; Pillow >= 10 raises ``ValueError: bits must be between or equal to 1 and 8`` and ends the run in a loader
+    worker. timm's own transform, as installed, raises too.
+    """
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _posterize_like_the_official_runs(transform: Any) -> Any:
+    """Give every posterize op of the RandAugment/AutoAugment policies in ``transform`` :func:`_posterize`."""
+    for t in getattr(transform, "transforms", ()):
+        for op in getattr(t, "ops", ()):  # RandAugment.ops: AugmentOps
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+        for sub in getattr(t, "policy", ()):  # AutoAugment.policy: lists of AugmentOps
+            for op in sub:
+                if "Posterize" in getattr(op, "name", ""):
+                    op.aug_fn = _posterize
+    return transform
