@@ -1,4 +1,4 @@
-"""``inceptionnext predict``: top-k classes of images or folders, from a model, a checkpoint or an ONNX file."""
+"""``inceptionnext predict``: top-k classes of images or folders, from a model, a checkpoint or an exported file."""
 
 from __future__ import annotations
 
@@ -18,26 +18,37 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--format", choices=["table", "json"], default="table")
     p.add_argument("--output", default=None, help="also write the JSON report to this file")
-    p.add_argument("--onnx", default=None, metavar="FILE", help="run an exported .onnx file with onnxruntime instead")
+    add_exported(p)
     return p
 
 
-def _load_onnx(args: argparse.Namespace):
-    """The exported file behind the torch ``predict`` interface (preprocessing from its metadata)."""
-    from ..serve import load_onnx_model
+def add_exported(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--exported",
+        "--onnx",
+        default=None,
+        metavar="FILE",
+        help="run an exported file instead: .onnx (fp32 or int8) with onnxruntime, a TorchScript .pt (fp32 or bf16) "
+        "with torch",
+    )
+
+
+def load_exported_from_args(args: argparse.Namespace):
+    """The exported file behind the torch interface (preprocessing and classes from its metadata)."""
+    from ..serve import load_exported_model
 
     if args.model or args.checkpoint or args.pretrained or args.use_ema or args.num_classes is not None:
         raise UserError(
-            "--onnx replaces --model/--checkpoint/--pretrained/--use-ema/--num-classes: the file carries model, "
-            "weights and preprocessing"
+            "--exported/--onnx replaces --model/--checkpoint/--pretrained/--use-ema/--num-classes: the file carries "
+            "model, weights and preprocessing"
         )
-    return load_onnx_model(args.onnx)
+    return load_exported_model(args.exported)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..tools.predict import format_predictions, predict
 
-    loaded = _load_onnx(args) if args.onnx else load_model_from_args(args)
+    loaded = load_exported_from_args(args) if args.exported else load_model_from_args(args)
     report = predict(loaded, args.inputs, topk=args.topk, batch_size=args.batch_size, progress=progress_enabled())
     text = json.dumps(report.to_dict(), indent=1)
     if args.output:

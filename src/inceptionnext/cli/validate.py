@@ -1,4 +1,4 @@
-"""``inceptionnext validate``: top-1/top-5 of a training checkpoint or of released weights."""
+"""``inceptionnext validate``: top-1/top-5 of a training checkpoint, of released weights or of an exported file."""
 
 from __future__ import annotations
 
@@ -6,13 +6,21 @@ import argparse
 import sys
 
 from .options import add_model_source, positive_int, progress_enabled
+from .predict import add_exported, load_exported_from_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..engine.config import AMP_MODES
 
-    p = subparsers.add_parser("validate", help="top-1/top-5 of a checkpoint or released weights")
+    p = subparsers.add_parser(
+        "validate",
+        help="top-1/top-5 of a checkpoint, released weights or an exported file",
+        description="Top-1/top-5 on a val set with the model's eval preprocessing. --exported FILE measures an "
+        "exported file (fp32/int8 ONNX, fp32/bf16 TorchScript) in the precision it was exported in: run it next to "
+        "the checkpoint's own validate on the same --data to see what the precision costs.",
+    )
     add_model_source(p)
+    add_exported(p)
     p.add_argument("--data", default=None, help="ImageFolder root with val/ (default: the run's data or the digits)")
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -31,9 +39,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from ..engine import validate
 
+    loaded = load_exported_from_args(args) if args.exported else None
     result = validate(
         args.model,
         args.checkpoint,
+        loaded=loaded,
         pretrained=args.pretrained,
         data=args.data,
         use_ema=args.use_ema,
@@ -49,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         f"{result['model']} on {result['data']} ({result['count']} images, {result['img_size']}px, "
         f"crop_pct {result['crop_pct']}): top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"loss {result['loss']:.4f}  [{result['weights']}]"
+        + (f"  precision {result['precision']}" if "precision" in result else "")
     )
     skipped = result["skipped_images"]
     if skipped:

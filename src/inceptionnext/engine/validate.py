@@ -1,5 +1,9 @@
 """Top-1/top-5 of a model on an ImageFolder val set or the embedded digits set, with its eval preprocessing.
 
+The model is a checkpoint, released weights, or an already loaded model (``loaded=``): the CLI passes an exported
+file that way (:func:`inceptionnext.serve.load_exported_model`: fp32/int8 ONNX, fp32/bf16 TorchScript), so the
+accuracy cost of a reduced-precision export is measured by the same loop, on the same images, as its checkpoint.
+
 An unreadable val image is left out, not replaced: the accuracy is over the readable images, each counted once, and
 the result says how many were left out and which (``skipped`` and ``skipped_images``; ``skipped_images.txt`` next to
 ``results.json``).
@@ -17,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from ..data import DataError, ReadableBatches, SeededTransform, ShardStream, build_dataset, collate_readable
 from ..errors import ConfigError
-from ..inference import eval_transform, load_model
+from ..inference import LoadedModel, eval_transform, load_model
 from .classification import evaluate
 from .runtime import ShardSampler, autocast_settings, cleanup_distributed, init_distributed
 
@@ -38,18 +42,28 @@ def validate(
     progress: bool = True,
     num_classes: int | None = None,
     crop_pct: float | None = None,
+    loaded: LoadedModel | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a checkpoint (this package's training checkpoints carry model, classes and preprocessing) or the
-    released weights of ``model_name``. Writes ``results.json`` and ``results.csv`` to ``output`` when given.
+    """Evaluate a checkpoint (this package's training checkpoints carry model, classes and preprocessing), the
+    released weights of ``model_name``, or ``loaded`` (e.g. an exported file; it runs in the precision it was
+    exported in, ``amp`` does not apply). Writes ``results.json`` and ``results.csv`` to ``output`` when given.
 
     Unreadable images are left out (``skipped``, ``skipped_images`` in the result; :class:`DataError` when none
     is readable). ``INCEPTIONNEXT_NO_PROGRESS`` turns the progress bar off, as in training."""
     progress = progress and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
-    if checkpoint is None and not pretrained:
-        raise ConfigError("give a checkpoint (--checkpoint PATH) or --pretrained")
+    if loaded is not None:
+        if checkpoint is not None or pretrained or model_name is not None:
+            raise ConfigError("give a loaded model or a checkpoint / --pretrained / model name, not both")
+    elif checkpoint is None and not pretrained:
+        raise ConfigError("give a checkpoint (--checkpoint PATH), --pretrained or an exported file (--exported)")
     if crop_pct is not None and not 0 < crop_pct <= 1:
         raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct:g}")
-    loaded = load_model(model_name, checkpoint, pretrained=pretrained, use_ema=use_ema, num_classes=num_classes)
+    precision = None
+    if loaded is None:
+        loaded = load_model(model_name, checkpoint, pretrained=pretrained, use_ema=use_ema, num_classes=num_classes)
+    else:
+        precision = getattr(loaded.model, "precision", None)  # an exported file: its own precision, no autocast
+        amp = "fp32"
     model, pre = loaded.model, loaded.preprocessing
     if crop_pct is not None:  # e.g. 0.95, timm's setting for inceptionnext_base (the official one is 0.875)
         pre = {**pre, "crop_pct": crop_pct}
@@ -57,12 +71,13 @@ def validate(
         data = loaded.train_config.get("data")  # the run's own val set
     img_size = pre["input_size"][-1]
     dataset = build_dataset(data, "val", img_size, unreadable="skip")
-    if loaded.train_config is not None and list(dataset.classes) != loaded.class_names:
+    names_are_folders = loaded.train_config is not None or _same_names_reordered(loaded.class_names, dataset.classes)
+    if names_are_folders and list(dataset.classes) != loaded.class_names:
         raise DataError(
             f"the val set's classes {list(dataset.classes)[:5]}... differ from the checkpoint's "
             f"{loaded.class_names[:5]}..."
         )
-    if model.num_classes != len(dataset.classes):
+    if model.num_classes is not None and model.num_classes != len(dataset.classes):
         raise DataError(f"{loaded.name} predicts {model.num_classes} classes, the val set has {len(dataset.classes)}")
     transform = eval_transform(pre)
     dist = init_distributed()
@@ -106,6 +121,8 @@ def validate(
         "crop_pct": pre.get("crop_pct"),
         "interpolation": pre.get("interpolation"),
     }
+    if precision is not None:
+        result["precision"] = precision
     if output:
         out = Path(output)
         out.mkdir(parents=True, exist_ok=True)
@@ -118,3 +135,9 @@ def validate(
             writer.writeheader()
             writer.writerow(row)
     return result
+
+
+def _same_names_reordered(names: list[str] | None, classes: list[str]) -> bool:
+    """The model's class names are the data's folder names (an export of a training checkpoint), maybe in another
+    order; ImageNet exports carry descriptions ("tench, Tinca tinca"), not the val set's synset folder names."""
+    return names is not None and sorted(names) == sorted(classes)
