@@ -87,7 +87,8 @@ def n_train(folder: Path) -> int:
 def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: int) -> float:
     cmd = [sys.executable, "-m", "inceptionnext", "train", *w["ours"], "--data", str(data), "--output", str(out)]
     cmd += ["--seed", str(seed), "--epochs", str(epochs), "--workers", str(workers)]
-    last = json.loads((out / "summary.json").read_text())["last"] if _run(cmd, out) else None
+    _run(cmd, out)
+    last = json.loads((out / "summary.json").read_text())["last"]
     key = "ema_top1" if w["top1"] == "ema" else "val_top1"
     return float(last[key])
 
@@ -120,13 +121,12 @@ def run_timm(w: dict, train_py: Path, data: Path, out: Path, seed: int, epochs: 
     return float(rows[-1]["eval_top1"])
 
 
-def _run(cmd: list[str], out: Path) -> bool:
+def _run(cmd: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\nsee {out.parent / (out.name + '.log')}")
-    return True
 
 
 def summarize(xs: list[float]) -> str:

@@ -273,7 +273,7 @@ def test_fp32_op_groups(fp32_file):
 
 def test_bad_calibration_is_caught_by_the_check(data, fp32_file, tmp_path):
     """A hand-made failure: ranges calibrated on blank images saturate real activations (measured: top-1 agreement
-    0.75, logit error 1.9x their range), and the agreement check on real images refuses the file (and deletes it)."""
+    0.75, logit error 1.9x their range), and the agreement check on real images refuses the file (it is not written)."""
     blank = [np.zeros((8, 3, SIZE, SIZE), np.float32)]
     real = [_load_split(data, "val")[0].numpy()]
     kept = quantize_onnx(fp32_file, tmp_path / "blank.onnx", blank)  # checked on its own calibration: it passes
@@ -281,6 +281,12 @@ def test_bad_calibration_is_caught_by_the_check(data, fp32_file, tmp_path):
     with pytest.raises(ExportError, match="agrees with the fp32 file on only .* of the 48 check images"):
         quantize_onnx(fp32_file, tmp_path / "checked.onnx", blank, check_data=real)
     assert not (tmp_path / "checked.onnx").exists()
+    # a file already at the output (an earlier good export) is left as it was, and no staged file remains
+    before = (tmp_path / "blank.onnx").read_bytes()
+    with pytest.raises(ExportError, match="blank.onnx not written"):
+        quantize_onnx(fp32_file, tmp_path / "blank.onnx", blank, check_data=real)
+    assert (tmp_path / "blank.onnx").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.onnx"]
     unchecked = quantize_onnx(fp32_file, tmp_path / "unchecked.onnx", blank, check=False)
     assert unchecked.agreement is None and unchecked.path.is_file()
 

@@ -30,6 +30,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +95,8 @@ def _input_chw(meta: Mapping[str, Any], input_shape: Sequence[int | None]) -> tu
 
 
 def _image_source(data: str | os.PathLike) -> tuple[Any, str]:
-    """``(image files, description)`` of a folder given as calibration data."""
-    check_calibration_source(data)
+    """``(image files, description)`` of a folder given as calibration data (checked by
+    :func:`check_calibration_source`)."""
     root = Path(data)
     for split in ("train", "val"):  # an ImageFolder root: the training images, else the validation ones
         if (root / split).is_dir():
@@ -105,7 +106,7 @@ def _image_source(data: str | os.PathLike) -> tuple[Any, str]:
     images, _ = find_images([root])  # loose images
     if not images:
         raise CalibrationError(f"{root} holds no images (and no train/, val/ or class folders)")
-    return [p for p in images], str(root)
+    return list(images), str(root)
 
 
 def check_calibration_source(data: str | os.PathLike) -> None:
@@ -166,7 +167,7 @@ def calibration_batches(
     items: Sequence[Any]
     if str(data) == "digits":  # upscaled to the model's input size, as validate and training read them
         digits = DigitsDataset("train", size=chw[-1])
-        items, where = [digits.load(i) for i in range(len(digits))], "digits (embedded, train split)"
+        items, where = [partial(digits.load, i) for i in range(len(digits))], "digits (embedded, train split)"
     else:
         items, where = _image_source(data)
     order = list(range(len(items)))
@@ -179,7 +180,7 @@ def calibration_batches(
             break
         item = items[i]
         try:
-            img = read_image(item) if isinstance(item, (str, Path)) else item
+            img = read_image(item) if isinstance(item, (str, Path)) else item()  # a file, or an embedded image
         except ImageError as e:
             bad.append(f"{item}: {e}")
             continue
@@ -370,8 +371,6 @@ def quantize_onnx(
     from .serve import _require_onnx
 
     _require_onnx("onnx", "onnxruntime")
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise ConfigError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
@@ -407,6 +406,32 @@ def quantize_onnx(
                 raise CalibrationError(f"a calibration batch has shape {np.shape(b)}; the model takes (B, {chw})")
     n_images = sum(len(b) for b in calib)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # written and checked under another name, then moved into place: a file already at ``path`` stays until the new
+    # one has passed its check, and a kill midway leaves no half-written or unchecked file under the user's name
+    staged = path.with_name(f".{path.name}.partial")
+    try:
+        report = _quantize_staged(
+            source, staged, fp32, calib, where, n_images, notes, method=method, fp32_ops=fp32_ops,
+            per_channel=per_channel, reduce_range=bool(reduce_range), check=check, min_agreement=min_agreement,
+            check_data=check_data, target=path,
+        )  # fmt: skip
+    except BaseException:
+        staged.unlink(missing_ok=True)
+        raise
+    os.replace(staged, path)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _quantize_staged(
+    source: Path, staged: Path, fp32: OnnxClassifier, calib: list[np.ndarray], where: str, n_images: int,
+    notes: list[str], *, method: str, fp32_ops: Sequence[str], per_channel: bool, reduce_range: bool, check: bool,
+    min_agreement: float, check_data: Sequence[np.ndarray] | None, target: Path,
+) -> QuantizeReport:  # fmt: skip
+    """:func:`quantize_onnx`'s work on the staged file; the report names ``target``, where it will be moved."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     with tempfile.TemporaryDirectory(prefix="inceptionnext-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         if not _quant_pre_process(source, prepared):
@@ -429,14 +454,13 @@ def quantize_onnx(
                 if method == "entropy":
                     cache = _entropy_ranges(prepared, reader, Path(tmp))
                 quantize_static(
-                    str(prepared), str(path), reader,
+                    str(prepared), str(staged), reader,
                     quant_format=QuantFormat.QDQ, per_channel=per_channel, reduce_range=reduce_range,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
                     calibrate_method=methods[method], extra_options=extra,
                     calibration_providers=["CPUExecutionProvider"], calibration_cache_path=cache,
                 )  # fmt: skip
         except Exception as e:
-            path.unlink(missing_ok=True)
             raise ExportError(f"onnxruntime could not quantize {source}: {type(e).__name__}: {e}") from e
     meta = dict(fp32.metadata)
     meta.update({
@@ -444,31 +468,29 @@ def quantize_onnx(
         "calibration_method": method, "calibration_data": where, "calibration_images": n_images,
         "fp32_ops": list(fp32_ops), "reduce_range": bool(reduce_range), "source_file": source.name,
     })  # fmt: skip
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(staged))
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=json.dumps(v))
-    onnx.save(proto, str(path))
+    onnx.save(proto, str(staged))
     del proto
-    report = QuantizeReport(path, source, path.stat().st_size, method, tuple(fp32_ops), len(exclude), where,
-                            n_images, bool(reduce_range), metadata=meta, notes=notes)  # fmt: skip
+    report = QuantizeReport(target, source, staged.stat().st_size, method, tuple(fp32_ops), len(exclude), where,
+                            n_images, reduce_range, metadata=meta, notes=notes)  # fmt: skip
     if check:
         checked = list(check_data) if check_data is not None else calib
-        report.agreement, report.max_abs_diff, report.logit_scale = _agreement(OnnxClassifier(path), fp32, checked)
+        report.agreement, report.max_abs_diff, report.logit_scale = _agreement(OnnxClassifier(staged), fp32, checked)
         report.checked_images = sum(len(b) for b in checked)
         if not np.isfinite(report.max_abs_diff):
-            path.unlink(missing_ok=True)
-            raise ExportError(f"the int8 file gives non-finite logits ({path} removed)")
+            raise ExportError(f"the int8 file gives non-finite logits ({target} not written)")
         if report.agreement < min_agreement:
-            path.unlink(missing_ok=True)
             which = "calibration" if check_data is None else "check"
             raise ExportError(
                 f"the int8 file's top-1 agrees with the fp32 file on only {100 * report.agreement:.1f}% of the "
-                f"{report.checked_images} {which} images (< {100 * min_agreement:.0f}%); {path} removed. Try another "
-                "--calibration-method or more --calibration-batches, keep more ops in fp32 (--fp32-ops), or pass "
-                "--min-agreement 0 to keep it (randomly initialised weights have near-tied logits)"
+                f"{report.checked_images} {which} images (< {100 * min_agreement:.0f}%); {target} not written. "
+                "Try another --calibration-method or more --calibration-batches, keep more ops in fp32 "
+                "(--fp32-ops), or pass --min-agreement 0 to keep it (randomly initialised weights have "
+                "near-tied logits)"
             )
-    report.seconds = time.perf_counter() - start
     return report
 
 

@@ -296,21 +296,24 @@ class SeededTransform(Dataset):
         ``epoch`` defaults to the one :meth:`set_epoch` gave."""
         sample_seed = hash((self.seed, self.epoch if epoch is None else epoch, index)) & 0xFFFF_FFFF
         if get_worker_info() is not None:  # a loader worker: these RNGs serve the transforms only
-            random.seed(sample_seed)
-            np.random.seed(sample_seed)
-            torch.default_generator.manual_seed(sample_seed)
+            _seed_transform_rngs(sample_seed)
             return self.transform(img)
-        py_state, np_state = random.getstate(), np.random.get_state()
-        torch_state = torch.default_generator.get_state()
-        random.seed(sample_seed)
-        np.random.seed(sample_seed)
-        torch.default_generator.manual_seed(sample_seed)
+        states = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+        _seed_transform_rngs(sample_seed)
         try:
             return self.transform(img)
         finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            torch.default_generator.set_state(torch_state)
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.default_generator.set_state(states[2])
+
+
+def _seed_transform_rngs(seed: int) -> None:
+    """Seed python's, numpy's and torch's CPU RNG (the CPU generator alone: ``torch.manual_seed`` also queues a seed
+    for every accelerator, ~0.3 ms)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.default_generator.manual_seed(seed)
 
 
 class EpochIndices(Sampler):

@@ -84,11 +84,9 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 def _posterize_like_the_official_runs(transform: Any) -> Any:
     """Give every posterize op of the RandAugment/AutoAugment policies in ``transform`` :func:`_posterize`."""
     for t in getattr(transform, "transforms", ()):
-        for op in getattr(t, "ops", ()):  # RandAugment.ops: AugmentOps
+        # RandAugment.ops: AugmentOps; AutoAugment.policy: lists of AugmentOps
+        ops = [*getattr(t, "ops", ()), *(op for sub in getattr(t, "policy", ()) for op in sub)]
+        for op in ops:
             if "Posterize" in getattr(op, "name", ""):
                 op.aug_fn = _posterize
-        for sub in getattr(t, "policy", ()):  # AutoAugment.policy: lists of AugmentOps
-            for op in sub:
-                if "Posterize" in getattr(op, "name", ""):
-                    op.aug_fn = _posterize
     return transform
