@@ -84,10 +84,14 @@ def n_train(folder: Path) -> int:
     return sum(1 for p in (folder / "train").rglob("*") if p.is_file())
 
 
-def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: int) -> float:
+def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: int, device: str) -> float:
     cmd = [sys.executable, "-m", "inceptionnext", "train", *w["ours"], "--data", str(data), "--output", str(out)]
+    # the trainer takes CUDA when there is one; --device cpu hides it, so both trainers run where they were told
+    env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
+    if device == "cuda":  # the recipes keep the official fp32 (TF32); both trainers get bf16 autocast here
+        cmd += ["--amp", "bf16"]
     cmd += ["--seed", str(seed), "--epochs", str(epochs), "--workers", str(workers)]
-    _run(cmd, out)
+    _run(cmd, out, env)
     last = json.loads((out / "summary.json").read_text())["last"]
     key = "ema_top1" if w["top1"] == "ema" else "val_top1"
     return float(last[key])
@@ -110,21 +114,26 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def run_timm(w: dict, train_py: Path, data: Path, out: Path, seed: int, epochs: int, workers: int) -> float:
+def run_timm(
+    w: dict, train_py: Path, data: Path, out: Path, seed: int, epochs: int, workers: int, device: str
+) -> float:
     cmd = [sys.executable, "-c", _TIMM_LAUNCH, str(train_py), "--data-dir", str(data), "--train-split", "train"]
     cmd += ["--val-split", "val"]
-    cmd += ["--num-classes", "10", "--device", "cpu", "--output", str(out.parent), "--experiment", out.name]
+    cmd += ["--num-classes", "10", "--device", device, "--output", str(out.parent), "--experiment", out.name]
     cmd += [*w["timm"], "--seed", str(seed), "--epochs", str(epochs), "-j", str(workers), "--log-interval", "50"]
-    _run(cmd, out)
+    if device == "cuda":  # the same bf16 autocast as this package's run; pinned memory as this package's default
+        cmd += ["--amp", "--amp-dtype", "bfloat16", "--pin-mem"]
+    _run(cmd, out, {})
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     return float(rows[-1]["eval_top1"])
 
 
-def _run(cmd: list[str], out: Path) -> None:
+def _run(cmd: list[str], out: Path, env: dict[str, str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out.parent / f"{out.name}.log", "w") as log:
-        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"PYTHONUNBUFFERED": "1"})
+        env = os.environ | {"PYTHONUNBUFFERED": "1"} | env
+        r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\nsee {out.parent / (out.name + '.log')}")
 
@@ -140,6 +149,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, nargs="+", default=None, help="override, one value per workload")
     p.add_argument("--workers", type=int, default=2, help="loader workers for both trainers (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both trainers run (default cpu)")
     p.add_argument("--out", type=Path, default=Path("output/train_vs_timm"))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
@@ -152,7 +162,8 @@ def main() -> None:
 
     print(
         f"torch {torch.__version__}, timm {timm.__version__}, inceptionnext {inceptionnext.__version__}; "
-        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {args.workers} loader workers"
+        f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; {args.workers} loader workers; "
+        f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
     )
     results = {}
     for i, name in enumerate(args.workloads):
@@ -169,9 +180,9 @@ def main() -> None:
                     raise SystemExit(f"{out} exists: give a new --out (runs are never overwritten)")
                 t0 = time.perf_counter()
                 if who == "ours":
-                    top1 = run_ours(w, data, out, seed, epochs, args.workers)
+                    top1 = run_ours(w, data, out, seed, epochs, args.workers, args.device)
                 else:
-                    top1 = run_timm(w, args.timm_train, data, out, seed, epochs, args.workers)
+                    top1 = run_timm(w, args.timm_train, data, out, seed, epochs, args.workers, args.device)
                 wall = time.perf_counter() - t0
                 res[who]["wall"].append(wall)
                 res[who]["top1"].append(top1)

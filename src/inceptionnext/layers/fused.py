@@ -33,6 +33,8 @@ class TritonInceptionDWConv2d(InceptionDWConv2d):
     (tests use it to cover the multi-tile paths on small images); by default the kernel picks it from the layout.
     """
 
+    tiles: tuple[int, int] | None = None  # also for instances made by share_as, which does not run __init__
+
     def __init__(self, *args, tiles: tuple[int, int] | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.tiles = tiles
@@ -64,7 +66,8 @@ def set_triton_mixers(model: nn.Module, enable: bool = True) -> nn.Module:
     Returns ``model``. Any model works (a MetaNeXt, a backbone, a single mixer's parent); other modules are left alone.
     """
     src, dst = (InceptionDWConv2d, TritonInceptionDWConv2d) if enable else (TritonInceptionDWConv2d, InceptionDWConv2d)
-    replace_modules(model, lambda m: share_as(dst, m) if type(m) is src else None)
+    attrs = {"tiles": None} if enable else {}
+    replace_modules(model, lambda m: share_as(dst, m, **attrs) if type(m) is src else None)
     return model
 
 
