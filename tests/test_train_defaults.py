@@ -402,3 +402,35 @@ def test_randaugment_posterize_at_the_clipped_magnitude_gives_a_black_image_inst
     ours = next(op for op in ops if op.name == "PosterizeIncreasing")
     ours.magnitude = 5.0
     assert np.array_equal(np.asarray(ours(img)), np.asarray(timm_op(img)))
+
+
+def test_recalibration_reads_at_most_an_eighth_of_an_epoch():
+    from inceptionnext.engine.ema import recalibration_batch_count
+
+    assert recalibration_batch_count(8, 22) == 3  # the digits recipe: 3 of 22 batches, not 8
+    assert recalibration_batch_count(8, 10_000) == 8  # ImageNet: as asked
+    assert recalibration_batch_count(8, 1) == 1  # never none while asked for
+    assert recalibration_batch_count(0, 10_000) == 0  # off
+
+
+def test_raw_and_ema_evaluated_in_one_pass_equal_separate_evaluations():
+    """evaluate_models reads each validation batch once for both models; the numbers are those of one model at a
+    time."""
+    from inceptionnext.engine.classification import evaluate, evaluate_models
+    from inceptionnext.models import create_model
+
+    torch.manual_seed(0)
+    a, b = create_model("inceptionnext_atto", num_classes=4), create_model("inceptionnext_atto", num_classes=4)
+    batches = [(torch.randn(8, 3, 32, 32), torch.randint(0, 4, (8,))) for _ in range(3)]
+    reads = []
+
+    class Counting(list):
+        def __iter__(self):
+            reads.append(1)
+            return super().__iter__()
+
+    both = evaluate_models({"a": a, "b": b}, Counting(batches), torch.device("cpu"), progress=False)
+    assert len(reads) == 1
+    for name, model in (("a", a), ("b", b)):
+        assert both[name] == evaluate(model, batches, torch.device("cpu"), progress=False)
+    assert both["a"] != both["b"]  # two different models, two different results

@@ -39,15 +39,57 @@ from ..models import get_entry, is_model
 from ..models.factory import create_any_model
 from ..models.metanext import MetaNeXt
 from .config import TrainConfig
-from .ema import RecalibrationBatches, batchnorm_layers, recalibrate_bn
+from .ema import RecalibrationBatches, batchnorm_layers, recalibrate_bn, recalibration_batch_count
 from .optim import build_optimizer, build_scheduler
 from .run import TrainingRun, launch
 from .runtime import ShardSampler, autocast, loader_options
 
-__all__ = ["ClassificationRun", "build_model", "evaluate", "train"]
+__all__ = ["ClassificationRun", "build_model", "evaluate", "evaluate_models", "train"]
 
 
 @torch.inference_mode()
+def evaluate_models(
+    models: dict[str, nn.Module],
+    loader: DataLoader,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "val",
+    progress: bool = True,
+    channels_last: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Top-1/top-5 accuracy (%) and mean cross-entropy of each model, summed exactly over all processes, in one pass
+    over ``loader``: every batch is read and moved once, then given to each model (the raw and the EMA weights of a
+    training run cost one read of the validation set, not two)."""
+    for model in models.values():
+        model.eval()
+    sums = torch.zeros(len(models), 4, dtype=torch.float64, device=device)  # loss, correct1, correct5, count
+    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        for i, model in enumerate(models.values()):
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            sums[i] += torch.stack(
+                [
+                    F.cross_entropy(logits, y, reduction="sum").double(),
+                    (top[:, 0] == y).sum().double(),
+                    (top == y[:, None]).any(1).sum().double(),
+                    torch.tensor(float(len(y)), dtype=torch.float64, device=device),
+                ]
+            )
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(sums)
+    out = {}
+    for name, (loss, c1, c5, n) in zip(models, sums.tolist()):
+        if n == 0:
+            raise DataError("the evaluation set is empty")
+        out[name] = {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "count": int(n)}
+    return out
+
+
 def evaluate(
     model: nn.Module,
     loader: DataLoader,
@@ -58,30 +100,7 @@ def evaluate(
     channels_last: bool = False,
 ) -> dict[str, float]:
     """Top-1/top-5 accuracy (%) and mean cross-entropy, summed exactly over all processes."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, correct1, correct5, count
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch"):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums += torch.stack(
-            [
-                F.cross_entropy(logits, y, reduction="sum").double(),
-                (top[:, 0] == y).sum().double(),
-                (top == y[:, None]).any(1).sum().double(),
-                torch.tensor(float(len(y)), dtype=torch.float64, device=device),
-            ]
-        )
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(sums)
-    loss, c1, c5, n = sums.tolist()
-    if n == 0:
-        raise DataError("the evaluation set is empty")
-    return {"loss": loss / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "count": int(n)}
+    return evaluate_models({"model": model}, loader, device, amp_dtype, desc, progress, channels_last)["model"]
 
 
 # the model argument each config key sets
@@ -284,12 +303,13 @@ class ClassificationRun(TrainingRun):
         cfg, dist = self.cfg, self.dist
         if self.ema is None or cfg.ema_bn_recal == 0 or not batchnorm_layers(self.ema.module):
             return None
+        num_batches = recalibration_batch_count(cfg.ema_bn_recal, len(self.train_loader))
         if isinstance(self.train_set, ShardStream):
-            return self.train_set.recalibration_batches(build_transform(cfg, self.model_cfg, False), cfg.ema_bn_recal)
+            return self.train_set.recalibration_batches(build_transform(cfg, self.model_cfg, False), num_batches)
         return RecalibrationBatches(
             self.train_set.dataset,  # the training images before their (random) training transform
             build_transform(cfg, self.model_cfg, False),
-            num_batches=min(cfg.ema_bn_recal, len(self.train_loader)),
+            num_batches=num_batches,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
             rank=dist.rank,
@@ -363,16 +383,18 @@ class ClassificationRun(TrainingRun):
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.dist.device
-        val = evaluate(self.ddp, self.val_loader, device, self.amp_dtype, "val", self.progress, cfg.channels_last)
-        row = {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
+        models = {"raw": self.ddp}
         if self.ema is not None:
             if self.bn_recal is not None:  # in place: the EMA saved (and chosen as best) holds these statistics
                 batches = self.bn_recal(epoch, device, cfg.channels_last)
                 recalibrate_bn(self.ema.module, batches, autocast=self.autocast)
-            ema = evaluate(
-                self.ema.module, self.val_loader, device, self.amp_dtype, "val (EMA)", self.progress, cfg.channels_last
-            )
-            row.update(ema_top1=ema["top1"], ema_top5=ema["top5"])
+            models["ema"] = self.ema.module
+        desc = "val (raw + EMA)" if len(models) > 1 else "val"
+        res = evaluate_models(models, self.val_loader, device, self.amp_dtype, desc, self.progress, cfg.channels_last)
+        val = res["raw"]
+        row = {"val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"]}
+        if "ema" in res:
+            row.update(ema_top1=res["ema"]["top1"], ema_top5=res["ema"]["top5"])
         return row
 
     def best_record(self, row: dict[str, Any]) -> dict[str, Any]:

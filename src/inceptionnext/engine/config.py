@@ -129,7 +129,7 @@ class TrainConfig:
     ema_bn_recal: int = _f(
         8,
         "batches per process that recompute the EMA's BatchNorm statistics before each evaluation (0: off; "
-        "capped at an epoch's batches; nothing to do for a model without BatchNorm)",
+        "at most an eighth of an epoch's batches; nothing to do for a model without BatchNorm)",
     )
     # runtime
     amp: str = _f("auto", "mixed precision (auto: bf16 on CUDA when supported; CPU runs fp32)", choices=AMP_MODES)
