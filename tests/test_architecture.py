@@ -25,7 +25,7 @@ LAYERS = {
     "models": 3, "checkpoint": 3,
     "reparam": 4, "complexity": 4, "data": 4, "inference": 4,
     "engine": 5, "recipes": 5,
-    "segmentation": 6, "tools": 6, "export": 6, "serve": 6, "quantize": 6, "benchmark": 6,
+    "segmentation": 6, "detection": 6, "tools": 6, "export": 6, "serve": 6, "quantize": 6, "benchmark": 6,
     "cli": 7, "__main__": 7,
 }  # fmt: skip
 

@@ -14,7 +14,20 @@ def test_every_command_is_registered_once():
     parser = cli.get_args_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert sorted(sub.choices) == sorted(
-        ["list", "complexity", "train", "validate", "predict", "cam", "hub", "segment", "export", "benchmark", "data"]
+        [
+            "list",
+            "complexity",
+            "train",
+            "validate",
+            "predict",
+            "cam",
+            "hub",
+            "segment",
+            "detect",
+            "export",
+            "benchmark",
+            "data",
+        ]
     )
 
 

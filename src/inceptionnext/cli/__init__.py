@@ -22,7 +22,8 @@ __all__ = ["COMMANDS", "get_args_parser", "main"]
 
 #: command modules, in the order ``inceptionnext --help`` lists them
 COMMANDS = (
-    "list_models", "complexity", "train", "validate", "predict", "cam", "hub", "segment", "export", "benchmark", "data",
+    "list_models", "complexity", "train", "validate", "predict", "cam", "hub", "segment", "detect", "export",
+    "benchmark", "data",
 )  # fmt: skip
 
 

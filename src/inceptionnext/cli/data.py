@@ -21,12 +21,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="seed of the one-time shuffle across shards (default 0)")
     m = sub.add_parser(
         "make",
-        help="write an embedded dataset (digits, photos) as an ImageFolder: train/<class>/..., val/<class>/...",
+        help="write an embedded dataset: digits, photos (ImageFolders), detection (a COCO folder)",
         description="digits: the embedded default set as PNG (the same pixels as training without --data); photos: "
         "a 10-class 224 px JPEG set cut from scikit-image's photographs (train and val crops from disjoint rows). "
-        "Any ImageFolder trainer (this one, timm's train.py) can read the folder.",
+        "Any ImageFolder trainer (this one, timm's train.py) can read the folder. detection: the digit composites "
+        "of `detect train` as a COCO 2017 folder (annotations/instances_{train,val}2017.json, train2017/, val2017/).",
     )
-    m.add_argument("name", choices=["digits", "photos"])
+    m.add_argument("name", choices=["digits", "photos", "detection"])
     m.add_argument("out", help="a new or empty folder")
     m.add_argument("--image-size", type=int, default=None, help="pixels (default: digits 32, photos 224)")
     m.add_argument("--per-class", type=int, nargs=2, default=[60, 20], metavar=("TRAIN", "VAL"),
@@ -35,6 +36,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.data_command == "make" and args.name == "detection":
+        from ..detection.data import write_composites_coco
+
+        out = write_composites_coco(args.out)
+        print(f"wrote the digit composites as a COCO folder to {out}; train with detect train --data {out}")
+        return 0
     if args.data_command == "make":
         from ..data.embedded import write_image_folder
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -203,6 +203,7 @@ def batches_from_step(
     seed: int,
     workers: int = 0,
     pin_memory: bool = False,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> Iterator[Any]:
     """Training batches from optimizer step ``step`` on, pass after pass over ``dataset``, without end.
 
@@ -229,5 +230,6 @@ def batches_from_step(
             num_workers=workers,
             pin_memory=pin_memory,
             generator=generator,
+            collate_fn=collate_fn,
         )
         pass_index, offset = pass_index + 1, 0

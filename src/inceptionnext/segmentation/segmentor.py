@@ -33,7 +33,17 @@ from ..models.metanext import make_norm
 from ..models.registry import is_model
 from .heads import FCNHead, FPNHead, FPNNeck, UPerHead
 
-__all__ = ["Segmentor", "create_segmentor", "PAPER_SEG", "DROP_PATH_SEG", "SEG_HEADS", "UPERNET", "FPN"]
+__all__ = [
+    "Segmentor",
+    "create_segmentor",
+    "build_feature_backbone",
+    "feature_channels_and_strides",
+    "PAPER_SEG",
+    "DROP_PATH_SEG",
+    "SEG_HEADS",
+    "UPERNET",
+    "FPN",
+]
 
 UPERNET, FPN = "upernet", "fpn"  # the decode heads of Tables 6 and 7
 SEG_HEADS = (UPERNET, FPN)
@@ -60,7 +70,7 @@ DROP_PATH_SEG: dict[tuple[str, str], float] = {
 }
 
 
-def _build_backbone(
+def build_feature_backbone(
     name: str, *, drop_path_rate: float, pretrained: bool, checkpoint: str | os.PathLike | None
 ) -> nn.Module:
     """This package's model in features-only mode, else a timm features-only model.
@@ -87,7 +97,8 @@ def _build_backbone(
     return timm.create_model(name, pretrained=pretrained or checkpoint is not None, **kwargs)
 
 
-def _feature_channels_and_strides(backbone: nn.Module) -> tuple[list[int], list[int]]:
+def feature_channels_and_strides(backbone: nn.Module) -> tuple[list[int], list[int]]:
+    """The channels and strides of a features-only backbone's maps (``feature_info``, this package's or timm's)."""
     info = backbone.feature_info
     return list(info.channels()), list(info.reduction())
 
@@ -139,10 +150,10 @@ class Segmentor(nn.Module):
         self.backbone_name = backbone
         self.head_name = head
         self.num_classes = num_classes
-        self.backbone = _build_backbone(
+        self.backbone = build_feature_backbone(
             backbone, drop_path_rate=drop_path_rate, pretrained=pretrained, checkpoint=backbone_checkpoint
         )
-        channels, strides = _feature_channels_and_strides(self.backbone)
+        channels, strides = feature_channels_and_strides(self.backbone)
         self.feature_channels, self.feature_strides = channels, strides
         self.stage_norm = stage_norm
         self.stage_norms = nn.ModuleList(
