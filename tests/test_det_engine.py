@@ -193,3 +193,21 @@ def test_anchor_sizes_are_checked():
         resolve_det_config("digits", {"anchor_sizes": [16, 32]})
     with pytest.raises(ConfigError, match="RetinaNet"):
         resolve_det_config("digits", {"arch": "retinanet"})
+
+
+def test_task_checkpoints_from_another_version_or_task_are_refused(tmp_path):
+    from inceptionnext.checkpoint import CheckpointError
+    from inceptionnext.detection.config import DetConfig
+    from inceptionnext.engine.checkpointing import read_task_config
+    from inceptionnext.segmentation.config import SegConfig
+
+    newer = tmp_path / "newer.pth"
+    torch.save({"config": {"arch": "maskrcnn", "future_knob": 1}, "class_names": ["a"], "model": {}}, newer)
+    with pytest.raises(CheckpointError, match="future_knob"):
+        read_task_config(newer, DetConfig, key="arch", task="detection", command="detect")
+    seg = tmp_path / "seg.pth"
+    torch.save({"config": {"head": "fpn"}, "class_names": ["a"], "model": {}}, seg)
+    with pytest.raises(CheckpointError, match="not a detection checkpoint"):
+        read_task_config(seg, DetConfig, key="arch", task="detection", command="detect")
+    cfg, _ = read_task_config(seg, SegConfig, key="head", task="segmentation", command="segment")
+    assert cfg.head == "fpn" and cfg.pretrained is False

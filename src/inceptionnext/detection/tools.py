@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..checkpoint import CheckpointError, load_state_dict_checked, read_checkpoint
+from ..checkpoint import load_state_dict_checked
+from ..engine.checkpointing import read_task_config
 from ..inference import find_images, read_image, unique_names
 from ..segmentation.tools import palette
 from .config import DetConfig
@@ -24,23 +24,7 @@ def load_detector(checkpoint: str | os.PathLike) -> tuple[Any, DetConfig, list[s
     """A trained detector from this package's checkpoint, with its config and class names."""
     from .engine import build_detector
 
-    ckpt = read_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "class_names" not in ckpt:
-        raise CheckpointError(f"{checkpoint} is not a detection checkpoint of this package (no config/class names)")
-    config = ckpt["config"]
-    if "model_name" in ckpt or not isinstance(config, dict) or "arch" not in config:
-        what = f"a classification checkpoint ({ckpt['model_name']})" if "model_name" in ckpt else "not one"
-        raise CheckpointError(
-            f"{checkpoint} is {what}, not a detection checkpoint of this package; detect eval/predict take the "
-            "last.pth or best.pth of `inceptionnext detect train`"
-        )
-    known = {f.name for f in dataclasses.fields(DetConfig)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise CheckpointError(
-            f"{checkpoint} has config keys this version does not know: {', '.join(unknown)} (a newer version's file?)"
-        )
-    cfg = DetConfig(**{**config, "pretrained": False, "backbone_checkpoint": None})
+    cfg, ckpt = read_task_config(checkpoint, DetConfig, key="arch", task="detection", command="detect")
     model = build_detector(cfg, len(ckpt["class_names"]))
     load_state_dict_checked(model, ckpt["model"], source=str(checkpoint))
     return model.eval(), cfg, list(ckpt["class_names"])

@@ -26,6 +26,7 @@ __all__ = [
     "atomic_save",
     "capture_rng",
     "load_exact",
+    "read_task_config",
     "read_training_checkpoint",
     "restore_rng",
     "temporaries",
@@ -181,3 +182,29 @@ def load_exact(module: nn.Module, state_dict: Mapping[str, torch.Tensor], source
     if problems:
         raise CheckpointError(f"{source} does not fit this run's {type(module).__name__}:\n  " + "\n  ".join(problems))
     module.load_state_dict(state_dict)
+
+
+def read_task_config(checkpoint: str | os.PathLike, cfg_cls: type, *, key: str, task: str, command: str) -> tuple:
+    """``(config, checkpoint dict)`` of a task's training checkpoint (``last.pth`` / ``best.pth``) for inference:
+    the file must hold ``config`` (with the task's defining ``key``) and ``class_names``; a classification
+    checkpoint, another task's, or one with config keys this version does not know is a CheckpointError saying so.
+    The config comes back with ``pretrained`` off and no ``backbone_checkpoint``: the weights are the file's."""
+    import dataclasses
+
+    ckpt = read_checkpoint(checkpoint)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "class_names" not in ckpt:
+        raise CheckpointError(f"{checkpoint} is not a {task} checkpoint of this package (no config/class names)")
+    config = ckpt["config"]
+    if "model_name" in ckpt or not isinstance(config, dict) or key not in config:
+        what = f"a classification checkpoint ({ckpt['model_name']})" if "model_name" in ckpt else "not one"
+        raise CheckpointError(
+            f"{checkpoint} is {what}, not a {task} checkpoint of this package; {command} eval/predict take the "
+            f"last.pth or best.pth of `inceptionnext {command} train` (classifiers: `inceptionnext validate`/`predict`)"
+        )
+    known = {f.name for f in dataclasses.fields(cfg_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise CheckpointError(
+            f"{checkpoint} has config keys this version does not know: {', '.join(unknown)} (a newer version's file?)"
+        )
+    return cfg_cls(**{**config, "pretrained": False, "backbone_checkpoint": None}), ckpt

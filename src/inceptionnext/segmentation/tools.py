@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import colorsys
-import dataclasses
 import os
 import time
 from pathlib import Path
@@ -13,8 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import CheckpointError, load_state_dict_checked, read_checkpoint
+from ..checkpoint import load_state_dict_checked
 from ..complexity import count_macs, count_params
+from ..engine.checkpointing import read_task_config
 from ..inference import find_images, read_image, unique_names
 from .config import SegConfig
 from .data import EvalPipeline
@@ -26,23 +26,7 @@ def load_segmentor(checkpoint: str | os.PathLike) -> tuple[Any, SegConfig, list[
     """A trained segmentor from this package's checkpoint, with its config and class names."""
     from .engine import build_segmentor
 
-    ckpt = read_checkpoint(checkpoint)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "class_names" not in ckpt:
-        raise CheckpointError(f"{checkpoint} is not a segmentation checkpoint of this package (no config/class names)")
-    config = ckpt["config"]
-    if "model_name" in ckpt or not isinstance(config, dict) or "head" not in config:
-        what = f"a classification checkpoint ({ckpt['model_name']})" if "model_name" in ckpt else "not one"
-        raise CheckpointError(
-            f"{checkpoint} is {what}, not a segmentation checkpoint of this package; segment eval/predict take the "
-            "last.pth or best.pth of `inceptionnext segment train` (classifiers: `inceptionnext validate`/`predict`)"
-        )
-    known = {f.name for f in dataclasses.fields(SegConfig)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise CheckpointError(
-            f"{checkpoint} has config keys this version does not know: {', '.join(unknown)} (a newer version's file?)"
-        )
-    cfg = SegConfig(**{**config, "pretrained": False, "backbone_checkpoint": None})
+    cfg, ckpt = read_task_config(checkpoint, SegConfig, key="head", task="segmentation", command="segment")
     model = build_segmentor(cfg, len(ckpt["class_names"]))
     load_state_dict_checked(model, ckpt["model"], source=str(checkpoint))
     return model.eval(), cfg, list(ckpt["class_names"])
