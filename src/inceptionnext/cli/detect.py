@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .options import add_run_config, progress_enabled, resolve_run_config, run_training
+from .options import add_run_config, parse_size, progress_enabled, resolve_run_config, run_training
 
 _METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -101,19 +101,12 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if images else 1
 
 
-def _parse_size(text: str) -> tuple[int, int]:
-    h, sep, w = text.lower().partition("x")
-    if not (sep and h.strip().isdigit() and w.strip().isdigit()) or int(h) < 1 or int(w) < 1:
-        raise UserError(f"--size takes HxW, e.g. 800x1280, got {text!r}")
-    return int(h), int(w)
-
-
 def _benchmark(args: argparse.Namespace) -> int:
     from ..detection.tools import benchmark_detector
 
     if args.runs < 1 or args.warmup < 0:
         raise UserError("--runs must be >= 1 and --warmup >= 0")
-    size = _parse_size(args.size)
+    size = parse_size(args.size, "800x1280")
     print(f"{'detector':40s} {'params (M)':>10s} {'MACs (G)':>9s} {'input':>9s} {'img/s':>7s}")
     for arch in args.arch or ["maskrcnn"]:
         for backbone in args.backbone or ["inceptionnext_tiny"]:

@@ -121,3 +121,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def parse_size(text: str | None, example: str = "512x683") -> tuple[int, int] | None:
+    """``--size HxW`` as ``(h, w)`` (None stays None); anything else is a UserError showing the form."""
+    if text is None:
+        return None
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.strip().isdigit() and w.strip().isdigit()) or int(h) < 1 or int(w) < 1:
+        raise UserError(f"--size takes HxW, e.g. {example}, got {text!r}")
+    return int(h), int(w)

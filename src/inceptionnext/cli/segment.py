@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import UserError
-from .options import add_run_config, progress_enabled, resolve_run_config, run_training
+from .options import add_run_config, parse_size, progress_enabled, resolve_run_config, run_training
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -110,22 +110,13 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if written else 1
 
 
-def _parse_size(text: str | None) -> tuple[int, int] | None:
-    if text is None:
-        return None
-    h, sep, w = text.lower().partition("x")
-    if not (sep and h.strip().isdigit() and w.strip().isdigit()) or int(h) < 1 or int(w) < 1:
-        raise UserError(f"--size takes HxW, e.g. 512x683, got {text!r}")
-    return int(h), int(w)
-
-
 def _benchmark(args: argparse.Namespace) -> int:
     from ..segmentation.config import HEADS
     from ..segmentation.tools import SEG_FPS_IMAGES, SEG_FPS_WARMUP, benchmark_segmentor
 
     heads = args.head or list(HEADS)
     backbones = args.backbone or ["inceptionnext_tiny", "inceptionnext_small", "inceptionnext_base"]
-    size = _parse_size(args.size)
+    size = parse_size(args.size, "512x683")
     if args.data is not None and size is not None:
         raise UserError("--size is the synthetic image's; with --data the images keep their own sizes")
     if (args.runs is not None and args.runs < 1) or (args.warmup is not None and args.warmup < 0):
