@@ -177,10 +177,8 @@ def evaluate_detection(
     """COCO box (and, for a detector with masks, mask) AP over ``dataset``, and the results (gathered from every
     process)."""
     results = gather_results(predict_dataset(model, dataset, device, amp_dtype=amp_dtype, progress=progress))
-    iou_types = (
-        ("bbox", "segm") if getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask() else ("bbox",)
-    )
-    return coco_evaluate(dataset.coco, results, iou_types), results
+    has_masks = getattr(model, "roi_heads", None) is not None and model.roi_heads.has_mask()
+    return coco_evaluate(dataset.coco, results, ("bbox", "segm") if has_masks else ("bbox",)), results
 
 
 def _to(value: Any, device: torch.device) -> Any:

@@ -19,6 +19,7 @@ from ..errors import ConfigError
 
 __all__ = [
     "AMP_MODES",
+    "BatchScaledConfig",
     "SCHEDULES",
     "SCHED_ON",
     "TrainConfig",
@@ -57,8 +58,23 @@ def config_field(default: Any, help: str, *, choices: Sequence[str] | None = Non
 _f = config_field
 
 
+class BatchScaledConfig:
+    """What every run config (classification, segmentation, detection) computes from its fields ``batch_size``,
+    ``lr``, ``lr_base_batch`` and, where it has one, ``grad_accum_steps``."""
+
+    def effective_batch(self, world_size: int) -> int:
+        return world_size * self.batch_size * getattr(self, "grad_accum_steps", 1)
+
+    def scaled_lr(self, world_size: int) -> float:
+        """The paper's rule (Sec. 4.1): lr = base_lr x effective_batch / base_batch."""
+        return self.lr * self.effective_batch(world_size) / self.lr_base_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(BatchScaledConfig):
     """Every knob of a training run. Field names are the YAML keys; ``--field-name`` the flags."""
 
     # model
@@ -155,16 +171,6 @@ class TrainConfig:
         """Epochs the run trains: the schedule's and the cool-down at ``min_lr`` (timm: ``--epochs`` +
         ``--cooldown-epochs``, so the official ``--epochs 300`` trains 310)."""
         return self.epochs + self.cooldown_epochs
-
-    def effective_batch(self, world_size: int) -> int:
-        return world_size * self.batch_size * self.grad_accum_steps
-
-    def scaled_lr(self, world_size: int) -> float:
-        """The paper's rule (Sec. 4.1): lr = base_lr x effective_batch / base_batch."""
-        return self.lr * self.effective_batch(world_size) / self.lr_base_batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _fields(cls: type) -> dict[str, dataclasses.Field]:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from ..engine.config import (
     AMP_MODES,
+    BatchScaledConfig,
     check_choice,
     check_positive,
     check_range,
@@ -31,7 +31,7 @@ _f = config_field
 
 
 @dataclass
-class SegConfig:
+class SegConfig(BatchScaledConfig):
     """Every knob of a segmentation run. Field names are the YAML keys; ``--field-name`` the flags."""
 
     # model
@@ -86,15 +86,6 @@ class SegConfig:
     log_interval: int = _f(50, "steps between loss checks and progress updates")
     recipe: str | None = _f(None, "name of the recipe the run started from", cli=False)
     notes: str = _f("", "where the recipe departs from other sources", cli=False)
-
-    def effective_batch(self, world_size: int) -> int:
-        return world_size * self.batch_size
-
-    def scaled_lr(self, world_size: int) -> float:
-        return self.lr * self.effective_batch(world_size) / self.lr_base_batch
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def resolve_seg_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SegConfig:
