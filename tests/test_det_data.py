@@ -185,7 +185,7 @@ def test_write_results_atomic_and_gather_identity(tmp_path):
         write_results(path, [{"x": object()}])
     assert json.loads(path.read_text()) == results  # a failed write leaves the earlier file
     assert sorted(p.name for p in path.parent.iterdir()) == ["predictions.json"]
-    assert gather_results(results) is results
+    assert gather_results(results) == results  # one process: its own results (DDP: test_det_engine torchrun)
 
 
 # ------------------------------------------------------------------------------------------------ COCO folders
@@ -546,6 +546,33 @@ def test_composite_splits_are_disjoint(small_train):
             DigitComposites("val", num_images=3, size=(96, 128), digit_size=(16, 40), seed=9).composites, val.composites
         )
     )
+
+
+def test_fresh_composites_per_epoch(small_train):
+    """fresh=True: epoch 0 is the fixed set, every later epoch its own composites (train digits and regions only,
+    exact boxes), the same again for a resumed run and for (epoch, index) keys; the val split cannot be fresh."""
+    kw = dict(num_images=6, size=(96, 128), digit_size=(16, 40), seed=3)
+    fresh = DigitComposites("train", fresh=True, **kw)
+    assert all(np.array_equal(fresh.composite(0, i).image, c.image) for i, c in enumerate(small_train.composites))
+    epoch1 = [fresh.composite(1, i) for i in range(6)]
+    epoch2 = [fresh.composite(2, i) for i in range(6)]
+    for a, b, c in zip(small_train.composites, epoch1, epoch2):
+        assert not np.array_equal(a.image, b.image) and not np.array_equal(b.image, c.image)
+    again = DigitComposites("train", fresh=True, **kw)
+    assert all(np.array_equal(a.image, again.composite(1, i).image) for i, a in enumerate(epoch1))
+    train_pool = set(digit_split("train").tolist())
+    assert all(set(c.digits) <= train_pool for c in epoch1 + epoch2)
+    fresh.set_epoch(1)
+    for i, c in enumerate(epoch1):
+        img, t = fresh[i]
+        assert torch.equal(img, again[(1, i)][0])
+        assert t["labels"].tolist() == [label for label, *_ in c.instances]
+        for box, mask in zip(t["boxes"].tolist(), t["masks"].numpy()):
+            assert tight_box(mask) == box
+    assert not np.array_equal(small_train[0][0].numpy(), fresh[0][0].numpy())  # the fixed set repeats epoch 0
+    with pytest.raises(DataError, match="fresh composites are for training"):
+        DigitComposites("val", num_images=2, fresh=True)
+    assert build_det_dataset(None, "val", None, fresh=True).fresh is False  # the engine's flag leaves val fixed
 
 
 def test_write_composites_coco_round_trip(tmp_path):

@@ -62,10 +62,31 @@ def test_parameter_groups_decay_and_scale():
     assert by_param[id(model.head.weight)]["lr"] == pytest.approx(1e-4)
 
 
+def test_sgd_recipe_builds_mmdets_optimizer():
+    """retinanet_tiny_1x: SGD with momentum, weight decay on every parameter (mmdet's default constructor)."""
+    from inceptionnext.detection.engine import build_det_optimizer
+
+    cfg = resolve_det_config("retinanet_tiny_1x")
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = build_det_optimizer(detection_param_groups(model, cfg, 0.01), cfg, 0.01, model)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 4  # conv weight, bias, BN weight, bias
+    adamw = resolve_det_config("fasterrcnn_tiny_1x")
+    opt = build_det_optimizer(detection_param_groups(model, adamw, 1e-4), adamw, 1e-4, model)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.05]  # 'norms': BN without decay
+
+
 def test_recipes_resolve_and_bad_values_are_config_errors():
     for name in ("maskrcnn_tiny_1x", "maskrcnn_tiny_3x", "digits"):
         cfg = resolve_det_config(name)
-        assert cfg.arch == "maskrcnn"
+        assert cfg.arch == "maskrcnn" and cfg.optimizer == "adamw"
+    faster, retina = resolve_det_config("fasterrcnn_tiny_1x"), resolve_det_config("retinanet_tiny_1x")
+    assert (faster.arch, faster.optimizer, faster.lr, faster.pipeline) == ("fasterrcnn", "adamw", 1e-4, "single")
+    # mmdet configs/swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py: SGD 0.01, momentum 0.9, wd 1e-4, drop path 0.2
+    assert (retina.arch, retina.optimizer, retina.lr, retina.momentum) == ("retinanet", "sgd", 0.01, 0.9)
+    assert (retina.weight_decay, retina.no_decay, retina.drop_path, retina.lr_steps) == (1e-4, "none", 0.2, [8, 11])
     three = resolve_det_config("maskrcnn_tiny_3x")
     assert (three.epochs, three.lr_steps, three.layer_decay, three.drop_path) == (36, [27, 33], 0.95, 0.4)
     with pytest.raises(ConfigError, match="arch"):
@@ -154,6 +175,80 @@ def test_predict_draws_and_writes_json(trained, tmp_path):
     assert len(records) == 1 and records[0]["image"].endswith("in.png")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun_detect(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         "-m", "inceptionnext", "detect", "train", *args],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+def test_two_process_torchrun_trains_splits_data_keeps_frozen_bn_and_resumes(tmp_path):
+    """torchrun with 2 CPU processes (gloo): each process takes half of every global batch (16 images, batch 2 per
+    process: 4 steps per epoch); the backbone's BatchNorm statistics from a classification checkpoint stay as they
+    were under ``--bn frozen`` while its affine parameters train; the evaluation gathers every val image from both
+    processes once (``detect eval`` in one process reproduces the logged AP); and a run killed in epoch 2 resumes in
+    2 processes to the uninterrupted run's weights, bit for bit."""
+    from inceptionnext.detection.data import write_composites_coco
+    from inceptionnext.models import create_model
+
+    data = write_composites_coco(tmp_path / "coco", num_train=16, num_val=8)
+    cls = create_model("inceptionnext_atto")
+    with torch.no_grad():  # statistics no detection batch would give
+        for m in cls.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    torch.save({"model": cls.state_dict(), "model_name": "inceptionnext_atto"}, tmp_path / "cls.pth")
+    extra = ("--bn", "frozen", "--backbone-checkpoint", str(tmp_path / "cls.pth"))
+    full = _torchrun_detect(_tiny_args(data, tmp_path / "full", *extra))
+    assert full.returncode == 0, full.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "full" / "last.pth", weights_only=True)
+    assert ckpt["world_size"] == 2 and ckpt["step"] == 2 * (16 // (2 * 2))
+    assert ckpt["config"]["bn"] == "frozen"
+    trained, init = ckpt["model"], cls.state_dict()
+    bn_keys = [k for k in init if k.endswith(("running_mean", "running_var"))]
+    assert bn_keys
+    for k in bn_keys:  # frozen: eval-mode BN in every process
+        torch.testing.assert_close(trained[f"backbone.body.{k}"], init[k], rtol=0, atol=0, msg=k)
+    assert not torch.equal(trained["backbone.body.stem.1.weight"], init["stem.1.weight"])  # affine still trains
+    stage_norm = [k for k in trained if k.startswith("backbone.stage_norms.") and k.endswith("running_mean")]
+    assert stage_norm and any(trained[k].abs().sum() > 0 for k in stage_norm)  # the fresh stage norms are not frozen
+
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    # one process with the trainers' one thread each: the same convolution numerics as the 2-process evaluation
+    ev = _cli(["eval", "--checkpoint", str(tmp_path / "full" / "last.pth"), "--output", str(tmp_path / "ev")],
+              env={"OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for k in ("bbox_AP", "bbox_AP50", "segm_AP"):
+        assert metrics[k] == pytest.approx(summary["last"][k], abs=1e-6), k
+
+    cut = _tiny_args(data, tmp_path / "cut", *extra)
+    killed = _torchrun_detect(cut, env={FAULT_ENV: "6"})  # both processes die in epoch 2
+    assert killed.returncode != 0
+    assert torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["step"] == 4
+    resumed = _torchrun_detect(cut)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    again = torch.load(tmp_path / "cut" / "last.pth", weights_only=True)["model"]
+    for k in trained:
+        torch.testing.assert_close(again[k], trained[k], rtol=0, atol=0, msg=k)
+
+
+def test_frozen_bn_needs_a_trained_backbone():
+    with pytest.raises(ConfigError, match="--pretrained or --backbone-checkpoint"):
+        resolve_det_config("digits", {"bn": "frozen"})
+    assert resolve_det_config("digits", {"bn": "frozen", "backbone_checkpoint": "x.pth"}).bn == "frozen"
+
+
 def test_a_classification_checkpoint_is_refused_by_eval(tmp_path):
     from inceptionnext.models import create_model
 
@@ -175,8 +270,9 @@ def test_digits_recipe_builds_the_narrow_channels_last_detector():
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     assert model.roi_heads.box_head.fc7.out_features == 256  # 4 x head_channels
     assert [s[0] for s in model.rpn.anchor_generator.sizes] == [16, 32, 64, 128, 256]
-    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 128
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 64
     assert model.rpn.fg_bg_sampler.batch_size_per_image == 128
+    assert model.rpn._pre_nms_top_n["training"] == 1000 and model.rpn._post_nms_top_n["training"] == 500
     # channels-last and NCHW compute the same detector
     model.eval()
     x = [torch.rand(3, 96, 128)]

@@ -23,7 +23,7 @@ from ..engine.config import (
 )
 from ..errors import ConfigError
 
-__all__ = ["ARCHS", "BN_POLICIES", "DET_RECIPES", "DetConfig", "PIPELINES", "resolve_det_config"]
+__all__ = ["ARCHS", "BN_POLICIES", "DET_RECIPES", "OPTIMIZERS", "DetConfig", "PIPELINES", "resolve_det_config"]
 
 DET_RECIPES = "inceptionnext.detection.recipes"
 #: torchvision detectors on the MetaNeXt backbone + FPN
@@ -34,9 +34,11 @@ BN_POLICIES = ("sync", "frozen", "train")
 #: training pipelines: one scale (mmdet's coco_instance), or the multi-scale + crop policy of the Swin/ConvNeXt
 #: "mstrain 480-800" configs
 PIPELINES = ("single", "mstrain")
-#: no weight decay on: norms, biases and LayerScale (timm's rule, ConvNeXt's constructor: every 1-d parameter), or
-#: norm layers only (Swin's paramwise_cfg)
-NO_DECAY = ("1d", "norms")
+#: no weight decay on: norms, biases and LayerScale (timm's rule, ConvNeXt's constructor: every 1-d parameter), norm
+#: layers only (Swin's paramwise_cfg), or nothing (mmdet's default optimizer constructor, its SGD configs)
+NO_DECAY = ("1d", "norms", "none")
+#: the optimizers of the public detection configs: AdamW (Swin, ConvNeXt) and SGD with momentum (mmdet's RetinaNet)
+OPTIMIZERS = ("adamw", "sgd")
 
 _f = config_field
 
@@ -63,11 +65,20 @@ class DetConfig(BatchScaledConfig):
     roi_batch_size: int = _f(
         512, "proposals sampled per image for the box and mask losses (mmdet and torchvision: 512)"
     )
+    rpn_pre_nms_train: int = _f(
+        2000, "training: RPN proposals per pyramid level kept before NMS (mmdet train_cfg.rpn_proposal.nms_pre)"
+    )
+    rpn_post_nms_train: int = _f(
+        1000, "training: RPN proposals per image kept after NMS (mmdet train_cfg.rpn_proposal.max_per_img)"
+    )
     min_size: int = _f(800, "evaluation: resize the short side to this (keeping the ratio)")
     max_size: int = _f(1333, "evaluation: ... with the long side at most this")
     # data
     data: str | None = _f(None, "COCO root (annotations/instances_{train,val}2017.json); default: embedded composites")
     workers: int = _f(2, "data loading processes per training process")
+    fresh_composites: bool = _f(
+        True, "embedded data only: draw new training composites every epoch (false: the same ones each epoch)"
+    )
     pipeline: str = _f("mstrain", "training augmentation", choices=PIPELINES)
     scale: list = _f([1333, 800], "training scale (long short) of the single-scale pipeline")
     short_sides: list = _f(
@@ -79,16 +90,18 @@ class DetConfig(BatchScaledConfig):
     # optimisation
     epochs: int = _f(12, "training epochs")
     batch_size: int = _f(2, "images per process and step")
+    optimizer: str = _f("adamw", "optimizer: adamw or sgd (with momentum)", choices=OPTIMIZERS)
     lr: float = _f(1e-4, "peak learning rate for a global batch of lr_base_batch")
     lr_base_batch: int = _f(16, "global batch the lr is given for; scaled linearly to the effective batch")
-    weight_decay: float = _f(0.05, "AdamW weight decay")
+    weight_decay: float = _f(0.05, "weight decay (AdamW: decoupled; SGD: L2)")
     no_decay: str = _f(
-        "norms", "parameters without weight decay: 1d (norms, biases, LayerScale) or norms", choices=NO_DECAY
+        "norms", "parameters without weight decay: 1d (norms, biases, LayerScale), norms, or none", choices=NO_DECAY
     )
     layer_decay: float | None = _f(None, "layer-wise lr decay of the backbone (ConvNeXt's 3x config: 0.95)")
     layer_decay_layers: int = _f(6, "layer-wise decay: the number of backbone layer groups (ConvNeXt: 6)")
     betas: list = _f([0.9, 0.999], "AdamW betas")
-    fused_optimizer: bool = _f(True, "torch's one-kernel AdamW update on CPU and CUDA")
+    momentum: float = _f(0.9, "SGD momentum")
+    fused_optimizer: bool = _f(True, "torch's one-kernel AdamW / SGD update where the device has it")
     warmup_iters: int = _f(500, "linear warm-up steps")
     warmup_ratio: float = _f(0.001, "warm-up starts at lr x warmup_ratio")
     lr_steps: list = _f([8, 11], "epochs after which the lr is multiplied by lr_gamma")
@@ -115,17 +128,24 @@ def resolve_det_config(recipe: str | os.PathLike | None = None, overrides: dict[
     if isinstance(values.get("stage_norm"), str) and values["stage_norm"].lower() in ("none", "null"):
         values["stage_norm"] = None
     cfg = DetConfig(**coerce_types(DetConfig, values))
-    check_choice(cfg, "arch", "bn", "pipeline", "no_decay", "amp")
+    check_choice(cfg, "arch", "bn", "pipeline", "no_decay", "optimizer", "amp")
     check_positive(cfg, "epochs", "batch_size", "lr_base_batch", "log_interval", "eval_interval", "min_size")
     check_positive(cfg, "max_size", "layer_decay_layers", "rpn_batch_size", "roi_batch_size")
+    check_positive(cfg, "rpn_pre_nms_train", "rpn_post_nms_train")
     check_range(cfg, "lr", low=0.0, low_open=True)
     check_range(cfg, "weight_decay", "warmup_ratio", "lr_gamma", low=0.0)
+    check_range(cfg, "momentum", low=0.0, high=1.0, high_open=True)
     check_range(cfg, "warmup_iters", "workers", low=0)
     check_range(cfg, "flip", low=0.0, high=1.0)
     if cfg.drop_path is not None:
         check_range(cfg, "drop_path", low=0.0, high=1.0, high_open=True)
     if cfg.layer_decay is not None:
         check_range(cfg, "layer_decay", low=0.0, high=1.0, low_open=True)
+    if cfg.bn == "frozen" and not (cfg.pretrained or cfg.backbone_checkpoint):
+        raise ConfigError(
+            "bn: frozen keeps the backbone's BatchNorm statistics, and a randomly initialised backbone has none worth "
+            "keeping: give --pretrained or --backbone-checkpoint FILE, or use --bn sync / train"
+        )
     if cfg.anchor_sizes is not None:
         if cfg.arch == "retinanet":
             raise ConfigError("anchor_sizes sets the R-CNN anchors (one per level P2-P6); RetinaNet keeps its own")

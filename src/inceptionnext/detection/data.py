@@ -322,6 +322,11 @@ class _DetectionDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, Target]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def load_sample(self, epoch: int, index: int) -> tuple[np.ndarray, Target]:
+        """The image and target of ``index`` in ``epoch``, before the pipeline (the same every epoch unless a
+        dataset draws its samples per epoch)."""
+        return self.load(index)
+
     def __len__(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -334,7 +339,7 @@ class _DetectionDataset(Dataset):
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} out of range for a dataset of {n} samples")
-        image, target = self.load(index)
+        image, target = self.load_sample(epoch, index)
         pipeline = self.pipeline if self.pipeline is not None else EvalPipeline()
         return pipeline(image, target, _sample_rng(self.seed, epoch, index))
 
@@ -857,8 +862,11 @@ class DigitComposites(_DetectionDataset):
     The split is fixed and held out twice over: val digits come from the ``load_digits`` images of index % 5 == 0
     and train digits from the others (:func:`digit_split`); val backgrounds are cropped from the bottom-right quadrant
     of each photograph, train backgrounds from its top and left halves (:func:`photo_regions`). The val composites
-    depend only on their index, so val numbers of different runs (and seeds) are comparable; the train composites are
-    drawn from ``seed`` and stay fixed over epochs (the pipeline's flips, resizes and crops vary per epoch).
+    depend only on their index, so val numbers of different runs (and seeds) are comparable. The train composites are
+    drawn from ``seed``: with ``fresh=False`` the same ``num_images`` every epoch (the pipeline's flips, resizes and
+    crops still vary); with ``fresh=True`` (the training default) epoch ``e`` draws its own ``num_images``
+    composites from (seed, e, index), so training never sees the same composite twice and a resumed epoch sees the
+    same ones again. Epoch 0 is the fixed set either way (``composites``, ``coco``).
     """
 
     classes: tuple[str, ...] = tuple(str(d) for d in range(10))
@@ -875,6 +883,7 @@ class DigitComposites(_DetectionDataset):
         digit_size: tuple[int, int] = (16, 40),
         pipeline: Callable | None = None,
         seed: int = 0,
+        fresh: bool = False,
     ) -> None:
         if split not in self.DEFAULT_NUM_IMAGES:
             raise DataError(f"digit composites split must be 'train' or 'val', got {split!r}")
@@ -883,8 +892,11 @@ class DigitComposites(_DetectionDataset):
             raise DataError(f"num_images must be positive, got {num_images}")
         if not 16 <= size[0] <= size[1] or not 8 <= digit_size[0] <= digit_size[1] or num_digits[0] < 1:
             raise DataError(f"bad composite sizes: size {size}, digit_size {digit_size}, num_digits {num_digits}")
-        self.split, self.train = split, split == "train"
+        if fresh and split != "train":
+            raise DataError("fresh composites are for training: the val split is fixed so that runs compare")
+        self.split, self.train, self.fresh = split, split == "train", fresh
         self.pipeline, self.seed, self.epoch = pipeline, seed, 0
+        self._draw = {"size": tuple(size), "num_digits": tuple(num_digits), "digit_size": tuple(digit_size)}
         gen_seed = seed if split == "train" else 0
         self.composites = _composites(split, n, tuple(size), tuple(num_digits), tuple(digit_size), gen_seed)
         self.coco = _quiet_coco(self.coco_dict())
@@ -892,9 +904,16 @@ class DigitComposites(_DetectionDataset):
     def __len__(self) -> int:
         return len(self.composites)
 
-    def full_masks(self, index: int) -> np.ndarray:
-        """uint8 ``[N, H, W]`` masks of composite ``index``."""
-        c = self.composites[index]
+    def composite(self, epoch: int, index: int) -> Composite:
+        """Composite ``index`` of ``epoch``: of the fixed set, or (``fresh``, epoch > 0) drawn for this epoch."""
+        if not self.fresh or epoch == 0:
+            return self.composites[index]
+        rng = np.random.default_rng([0xD161, 2, self.seed % 2**64, epoch % 2**64, index])
+        return make_composite(self.split, rng, **self._draw)
+
+    def full_masks(self, index: int, composite: Composite | None = None) -> np.ndarray:
+        """uint8 ``[N, H, W]`` masks of composite ``index`` (of the fixed set, or ``composite``)."""
+        c = self.composites[index] if composite is None else composite
         h, w = c.image.shape[:2]
         masks = np.zeros((len(c.instances), h, w), np.uint8)
         for k, (_, top, left, ink) in enumerate(c.instances):
@@ -927,13 +946,16 @@ class DigitComposites(_DetectionDataset):
         return {"info": info, "images": images, "annotations": annotations, "categories": categories}
 
     def load(self, index: int) -> tuple[np.ndarray, Target]:
-        c = self.composites[index]
+        return self.load_sample(0, index)
+
+    def load_sample(self, epoch: int, index: int) -> tuple[np.ndarray, Target]:
+        c = self.composite(epoch, index)
         h, w = c.image.shape[:2]
         boxes = [(left, top, left + ink.shape[1], top + ink.shape[0]) for _, top, left, ink in c.instances]
         target: Target = {
             "boxes": np.array(boxes, np.float32).reshape(-1, 4),
             "labels": np.array([label for label, *_ in c.instances], np.int64),
-            "masks": self.full_masks(index),
+            "masks": self.full_masks(index, c),
             "image_id": index + 1,
             "orig_size": (h, w),
         }
@@ -947,14 +969,15 @@ def build_det_dataset(
     *,
     seed: int = 0,
     log: Callable[[str], None] | None = None,
+    fresh: bool = False,
 ) -> CocoDetectionDataset | DigitComposites:
-    """``data=None``: the embedded digit composites; otherwise a COCO 2017 folder
-    (``annotations/instances_{split}2017.json`` and ``{split}2017/``). ``split`` is "train" or "val"; the train split
-    leaves out images without a usable annotation, val keeps them all."""
+    """``data=None``: the embedded digit composites (``fresh``: new training composites every epoch); otherwise a
+    COCO 2017 folder (``annotations/instances_{split}2017.json`` and ``{split}2017/``). ``split`` is "train" or "val";
+    the train split leaves out images without a usable annotation, val keeps them all."""
     if split not in ("train", "val"):
         raise DataError(f"split must be 'train' or 'val', got {split!r}")
     if data is None:
-        return DigitComposites(split, pipeline=pipeline, seed=seed)
+        return DigitComposites(split, pipeline=pipeline, seed=seed, fresh=fresh and split == "train")
     root = Path(data)
     ann_file, image_dir = root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017"
     layout = f"expected {ann_file} and the images in {image_dir}/ (COCO 2017 layout)"

@@ -35,6 +35,7 @@ from .models import convert_sync_batchnorm, create_detector, use_channels_last
 
 __all__ = [
     "DetectionRun",
+    "build_det_optimizer",
     "build_detector",
     "build_train_pipeline",
     "detection_param_groups",
@@ -76,8 +77,9 @@ def layer_id(name: str, num_layers: int) -> int:
 
 
 def detection_param_groups(model: nn.Module, cfg: DetConfig, base_lr: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: weight decay off for ``no_decay`` ('1d': every 1-d parameter and bias, ConvNeXt's
-    constructor; 'norms': norm layers, Swin's ``custom_keys={'norm': decay_mult 0}``), and with ``layer_decay`` the
+    """Optimizer parameter groups: weight decay off for ``no_decay`` ('1d': every 1-d parameter and bias, ConvNeXt's
+    constructor; 'norms': norm layers, Swin's ``custom_keys={'norm': decay_mult 0}``; 'none': decay on every
+    parameter, mmdet's default constructor), and with ``layer_decay`` the
     lr of group ``i`` scaled by ``layer_decay ** (num_layers + 1 - i)`` (ConvNeXt: ``decay_rate ** (num_layers + 2 -
     layer_id - 1)``). Each group carries its ``lr_scale``; the schedule sets ``lr = lr_scale x step_lr(...)``."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORM_TYPES) for p in m.parameters(recurse=False)}
@@ -85,7 +87,10 @@ def detection_param_groups(model: nn.Module, cfg: DetConfig, base_lr: float) -> 
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_wd = (p.ndim <= 1 or name.endswith(".bias")) if cfg.no_decay == "1d" else id(p) in norm_params
+        if cfg.no_decay == "1d":
+            no_wd = p.ndim <= 1 or name.endswith(".bias")
+        else:
+            no_wd = cfg.no_decay == "norms" and id(p) in norm_params
         lid = layer_id(name, cfg.layer_decay_layers) if cfg.layer_decay is not None else cfg.layer_decay_layers + 1
         key = (lid, no_wd)
         if key not in groups:
@@ -95,6 +100,15 @@ def detection_param_groups(model: nn.Module, cfg: DetConfig, base_lr: float) -> 
     for g in groups.values():
         g["lr"] = base_lr * g["lr_scale"]
     return [groups[k] for k in sorted(groups)]
+
+
+def build_det_optimizer(groups: list[dict[str, Any]], cfg: DetConfig, lr: float, model: nn.Module):
+    """AdamW (Swin's and ConvNeXt's configs) or SGD with momentum (mmdet's RetinaNet configs) over ``groups``; torch's
+    one-kernel AdamW update where ``fused_optimizer`` and the device allow it."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    fused = cfg.fused_optimizer and fused_update_available("adamw", model)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {}))
 
 
 def build_detector(cfg: DetConfig, num_classes: int) -> nn.Module:
@@ -125,6 +139,8 @@ def _sampling_kwargs(cfg: DetConfig) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "rpn_batch_size_per_image": cfg.rpn_batch_size,
         "box_batch_size_per_image": cfg.roi_batch_size,
+        "rpn_pre_nms_top_n_train": cfg.rpn_pre_nms_train,
+        "rpn_post_nms_top_n_train": cfg.rpn_post_nms_train,
     }
     if cfg.anchor_sizes is not None:
         from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -206,7 +222,9 @@ class DetectionRun(TrainingRun):
 
     def build(self) -> None:
         cfg, dist = self.cfg, self.dist
-        self.train_set = build_det_dataset(cfg.data, "train", build_train_pipeline(cfg), seed=cfg.seed)
+        self.train_set = build_det_dataset(
+            cfg.data, "train", build_train_pipeline(cfg), seed=cfg.seed, fresh=cfg.fresh_composites
+        )
         self.val_set = build_det_dataset(cfg.data, "val", EvalPipeline(), seed=cfg.seed)
         self.class_names = list(self.train_set.classes)
         if list(self.val_set.classes) != self.class_names:
@@ -218,10 +236,7 @@ class DetectionRun(TrainingRun):
             model = convert_sync_batchnorm(model)
         self.lr = cfg.scaled_lr(dist.world_size)
         groups = detection_param_groups(model, cfg, self.lr)
-        fused = cfg.fused_optimizer and fused_update_available("adamw", model)
-        self.optimizer = torch.optim.AdamW(
-            groups, lr=self.lr, betas=tuple(cfg.betas), **({"fused": True} if fused else {})
-        )
+        self.optimizer = build_det_optimizer(groups, cfg, self.lr, model)
         self.clip_grad = cfg.clip_grad
         self.wrap(model)
         self.sampler = DistributedSampler(

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.runtime import gather_objects
+
 __all__ = ["COCO_STATS", "coco_evaluate", "gather_results", "to_coco_results", "write_results"]
 
 #: the first six numbers of ``COCOeval.stats`` (all with maxDets=100), in their order
@@ -115,15 +117,8 @@ def coco_evaluate(coco_gt: Any, results: Sequence[dict], iou_types: Iterable[str
 
 
 def gather_results(results: list[dict]) -> list[dict]:
-    """All processes' results, in rank order, on every process (``all_gather_object``); the list itself when
-    torch.distributed is not initialised or has one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return results
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, results)
-    return [r for part in parts for r in part]
+    """All processes' results, in rank order, on every process; the list itself with one process."""
+    return [r for part in gather_objects(results) for r in part]
 
 
 def write_results(path: str | os.PathLike, results: Sequence[dict]) -> Path:

@@ -218,6 +218,7 @@ class TrainingRun:
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
         self.main = dist.is_main
+        self._rank_rng: list[Any] | None = None  # every process's RNG states at the last checkpoint (DDP)
         # progress is reported by the main process unless silenced; drawn as bars only on a terminal
         self.report_progress = self.main and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
         self.progress = self.report_progress and _is_terminal(sys.stderr)
@@ -535,6 +536,8 @@ class TrainingRun:
         ``best.pth`` lacks, which :meth:`_restore_best` repairs from ``last.pth`` itself. A failed write (full disk)
         stops every process, with the intact previous checkpoint named."""
         error, position = None, _position(self.epoch, self.step)
+        # every process's generators: the detectors' proposal and RoI sampling draw different amounts per process
+        self._rank_rng = runtime.gather_objects(capture_rng()) if self.dist.distributed else None
         if self.main:
             try:
                 state = self.checkpoint_state()
@@ -626,6 +629,8 @@ class TrainingRun:
         if self.epoch is not None:
             state["epoch"] = self.epoch
         state.update(step=self.step, best=dict(self.best), rng=capture_rng(), config=self.cfg.to_dict())
+        if self._rank_rng is not None:
+            state["rng_per_rank"] = self._rank_rng
         state["world_size"] = self.dist.world_size
         state.update(self.task_state())
         state["git"] = git_revision()
@@ -661,7 +666,8 @@ class TrainingRun:
         self.step, self.best = int(ckpt["step"]), dict(ckpt["best"])
         if "epoch" in ckpt:
             self.start_epoch = ckpt["epoch"] + 1
-        restore_rng(ckpt["rng"])
+        per_rank = ckpt.get("rng_per_rank")
+        restore_rng(per_rank[self.dist.rank] if per_rank and len(per_rank) == self.dist.world_size else ckpt["rng"])
         self.last_good = (Path(path), _position(ckpt.get("epoch"), self.step))
         return ckpt
 

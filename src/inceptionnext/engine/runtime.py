@@ -35,6 +35,7 @@ __all__ = [
     "cleanup_distributed",
     "dist_timeout",
     "gather_errors",
+    "gather_objects",
     "init_distributed",
     "wrap_ddp",
 ]
@@ -120,6 +121,16 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's ``obj`` in rank order, on every process (``all_gather_object``, a collective); ``[obj]``
+    without torch.distributed or with one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [obj]
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, obj)
+    return everyone
+
+
 def gather_errors(error: BaseException | None) -> list[tuple[int, str, bool]]:
     """Every process's failure as ``(rank, message, is a UserError)``, for all to see (a collective).
 
@@ -130,11 +141,7 @@ def gather_errors(error: BaseException | None) -> list[tuple[int, str, bool]]:
     if error is not None:
         user = isinstance(error, UserError)  # its message is the whole story; a bug's needs its type
         mine = (str(error) if user else f"{type(error).__name__}: {error}", user)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [] if mine is None else [(0, *mine)]
-    everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    return [(rank, *outcome) for rank, outcome in enumerate(everyone) if outcome is not None]
+    return [(rank, *outcome) for rank, outcome in enumerate(gather_objects(mine)) if outcome is not None]
 
 
 def autocast_settings(device: torch.device, amp: str) -> tuple[torch.dtype | None, bool]:
