@@ -186,3 +186,36 @@ if __name__ == "__main__":
     parser.add_argument("--resume", default=None)
     args = parser.parse_args()
     train_toy(ToyConfig(args.output, epochs=args.epochs, poison_epoch=args.poison_epoch), resume=args.resume)
+
+
+def _average_bn_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from inceptionnext.engine.ema import average_bn_statistics
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        bn = torch.nn.BatchNorm2d(3)
+        with torch.no_grad():
+            bn.running_mean.fill_(float(rank + 1))  # 1 and 2
+            bn.running_var.fill_(float(4 * rank + 2))  # 2 and 6
+        average_bn_statistics([bn])
+        torch.save({"mean": bn.running_mean, "var": bn.running_var}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bn_statistics_are_averaged_over_processes(tmp_path):
+    """After an epoch each DDP process holds the statistics of its own last batch; averaged (timm's --dist-bn
+    reduce), both processes evaluate and save the same model. Two gloo processes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_average_bn_worker, args=(port, str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        assert torch.equal(got["mean"], torch.full((3,), 1.5)) and torch.equal(got["var"], torch.full((3,), 4.0))

@@ -25,12 +25,32 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-__all__ = ["RecalibrationBatches", "batchnorm_layers", "recalibrate_bn", "recalibration_batch_count"]
+__all__ = [
+    "RecalibrationBatches",
+    "average_bn_statistics",
+    "batchnorm_layers",
+    "recalibrate_bn",
+    "recalibration_batch_count",
+]
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
     """The BatchNorm layers of ``model`` that keep running statistics (a LayerNorm model has none)."""
     return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+
+
+def average_bn_statistics(layers: Iterable[_BatchNorm]) -> None:
+    """Average the running statistics of ``layers`` over the processes (a collective under torchrun; nothing
+    without one), as timm's ``train.py`` does after every epoch (``--dist-bn reduce``, its default): DDP broadcasts
+    rank 0's buffers at the start of each training forward, so after an epoch every process holds the statistics of
+    its own last batch. Averaged, every process evaluates the same model, the one the checkpoint saves."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    world = torch.distributed.get_world_size()
+    for m in layers:
+        for t in (m.running_mean, m.running_var):
+            torch.distributed.all_reduce(t)
+            t.div_(world)
 
 
 # the recalibration reads at most this fraction of an epoch's batches: its forward passes and image reads stay a few
@@ -87,12 +107,8 @@ def recalibrate_bn(
                 m.running_var.copy_(var)
         for m, training in modes.items():
             m.training = training
-    if average_processes and torch.distributed.is_available() and torch.distributed.is_initialized():
-        world = torch.distributed.get_world_size()
-        for m in layers:
-            for t in (m.running_mean, m.running_var):
-                torch.distributed.all_reduce(t)
-                t.div_(world)
+    if average_processes:
+        average_bn_statistics(layers)
     return n
 
 

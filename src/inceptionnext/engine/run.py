@@ -63,6 +63,7 @@ from .checkpointing import (
     temporaries,
 )
 from .config import git_revision
+from .ema import average_bn_statistics, batchnorm_layers
 from .report import MetricsLog, Panel, plot_curves
 from .runtime import (
     DIST_TIMEOUT_ENV,
@@ -404,11 +405,23 @@ class TrainingRun:
             self.running_loss.reset()
             stats = self.train_one_epoch(epoch)
             self.check_finite()
+            self.average_bn_statistics()
             row = {"epoch": epoch + 1, **stats, **self.evaluate(epoch)}
             row["epoch_time_s"] = time.perf_counter() - t0
             self.record(row)
             self.log(self.epoch_message(row))
         return {"best": self.best, "last": row, "output": str(self.out)}
+
+    def average_bn_statistics(self) -> None:
+        """Under torchrun, average the BatchNorm running statistics of the model (the layers that train; frozen ones
+        never change) and of its EMA over the processes before they are evaluated and saved (timm's ``--dist-bn
+        reduce``): each process evaluates, and the checkpoint holds, the same model."""
+        if not self.dist.distributed:
+            return
+        layers = [m for m in batchnorm_layers(self.model) if m.training]
+        if self.ema is not None:
+            layers += batchnorm_layers(self.ema.module)
+        average_bn_statistics(layers)
 
     def finish(self, summary: dict[str, Any]) -> None:
         self.metrics.close()

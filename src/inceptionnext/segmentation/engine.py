@@ -264,6 +264,7 @@ class SegmentationRun(TrainingRun):
                 )
             if self.step % cfg.eval_interval == 0 or self.step == cfg.iterations:
                 train_loss = self.running_loss.mean()
+                self.average_bn_statistics()  # every process evaluates (and saves) the same statistics
                 res = self.evaluate_model()
                 row = {
                     "step": self.step,
