@@ -244,6 +244,7 @@ class ClassificationRun(TrainingRun):
                 f"process: fewer than grad_accum_steps={cfg.grad_accum_steps}; lower --batch-size"
             )
         self.updates_per_epoch = len(self.train_loader) // cfg.grad_accum_steps
+        self._prefetched: tuple[int, Any] | None = None  # (epoch, its loader iterator) started ahead
 
         if cfg.grad_checkpointing:
             model.set_grad_checkpointing(True)
@@ -351,7 +352,8 @@ class ClassificationRun(TrainingRun):
         bar = self.progress_bar(
             total=self.updates_per_epoch, desc=f"epoch {epoch + 1}/{self.num_epochs}", unit="step", leave=False
         )
-        data_iter = iter(self.train_loader)
+        prefetched, self._prefetched = self._prefetched, None
+        data_iter = prefetched[1] if prefetched is not None and prefetched[0] == epoch else iter(self.train_loader)
         for micro in range(n_micro):
             x, y = next(data_iter)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -379,7 +381,19 @@ class ClassificationRun(TrainingRun):
         bar.close()
         self.check_finite()
         mean_loss = self.running_loss.mean()
-        return {"train_loss": mean_loss, "lr": self.current_lr(), "img_per_s": seen / (time.perf_counter() - t0)}
+        rate = seen / (time.perf_counter() - t0)
+        self._prefetch_next_epoch(epoch)
+        return {"train_loss": mean_loss, "lr": self.current_lr(), "img_per_s": rate}
+
+    def _prefetch_next_epoch(self, epoch: int) -> None:
+        """Start the loader workers on the next epoch's first batches now, so that they read and augment while this
+        epoch is evaluated and saved instead of after it. Only where the samples cannot depend on when they are read:
+        persistent workers and ``(epoch, index)`` keys (:class:`~inceptionnext.data.EpochIndices`), the order and
+        every augmentation fixed by (seed, epoch, index). A run stopped or resumed here reads the same batches."""
+        if self.sampler is None or self.cfg.workers == 0 or epoch + 1 >= self.num_epochs:
+            return
+        self.sampler.set_epoch(epoch + 1)
+        self._prefetched = (epoch + 1, iter(self.train_loader))
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         cfg, device = self.cfg, self.dist.device
