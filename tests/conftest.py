@@ -1,10 +1,18 @@
 import os
+import socket
 
 import numpy as np
 import pytest
 from PIL import Image
 
 os.environ.setdefault("INCEPTIONNEXT_NO_PROGRESS", "1")  # keep test logs free of progress bars
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a torchrun rendezvous (``from conftest import free_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

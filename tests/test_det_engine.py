@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from inceptionnext.detection.config import resolve_det_config
 from inceptionnext.detection.engine import detection_param_groups, layer_id, step_lr
 from inceptionnext.engine.run import FAULT_ENV
@@ -175,17 +176,9 @@ def test_predict_draws_and_writes_json(trained, tmp_path):
     assert len(records) == 1 and records[0]["image"].endswith("in.png")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun_detect(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "inceptionnext", "detect", "train", *args],
         capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
     )  # fmt: skip

@@ -208,14 +208,11 @@ def _average_bn_worker(rank: int, port: int, out: str) -> None:
 def test_bn_statistics_are_averaged_over_processes(tmp_path):
     """After an epoch each DDP process holds the statistics of its own last batch; averaged (timm's --dist-bn
     reduce), both processes evaluate and save the same model. Two gloo processes."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_average_bn_worker, args=(port, str(tmp_path)), nprocs=2)
+    from conftest import free_port
+
+    mp.spawn(_average_bn_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
         assert torch.equal(got["mean"], torch.full((3,), 1.5)) and torch.equal(got["var"], torch.full((3,), 4.0))

@@ -15,7 +15,6 @@ import csv
 import errno
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import free_port
 from inceptionnext.data import DataError
 from inceptionnext.engine.checkpointing import CheckpointWriteError
 from inceptionnext.engine.run import (
@@ -304,15 +304,9 @@ def test_rerunning_a_finished_classification_run_with_other_data_or_seed_is_refu
 
 
 # ------------------------------------------------------------------------------------------- torchrun (2 x gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          *args],
         capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},

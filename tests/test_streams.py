@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
+
+from conftest import free_port
 
 pytest.importorskip("webdataset")
 pytest.importorskip("datasets")
@@ -240,15 +241,9 @@ def test_hf_folder_of_parquet_files_reads_the_embedded_image_bytes(digits_folder
         assert np.array_equal(np.asarray(img), pixels)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, data: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "inceptionnext", "train", *_args(out, data, "--workers", "1")],
         capture_output=True, text=True, timeout=600, env={**ENV, **(env or {})},
     )  # fmt: skip

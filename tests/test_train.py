@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import free_port
 from inceptionnext import create_model
 from inceptionnext.checkpoint import CheckpointError
 from inceptionnext.cli import main
@@ -265,12 +265,6 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, digits_folder):
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_path, digits_folder):
     # LayerNorm model (BatchNorm statistics are per process by design), no Mixup/drop path; random crops stay on
     common = ["--epochs", "1", "--mixup", "0", "--drop-path", "0", "--config", str(tmp_path / "ln.yaml")]
@@ -278,7 +272,7 @@ def test_two_process_torchrun_equals_one_process_with_the_same_global_batch(tmp_
     one = _run_cli(_cli_args(tmp_path / "one", digits_folder, *common, "--batch-size", "16"))
     assert one.returncode == 0, one.stderr
     two = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
          "-m", "inceptionnext", "train",
          *_cli_args(tmp_path / "two", digits_folder, *common, "--batch-size", "4", "--grad-accum-steps", "2")],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},

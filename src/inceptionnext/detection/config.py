@@ -17,9 +17,8 @@ from ..engine.config import (
     check_choice,
     check_positive,
     check_range,
-    coerce_types,
     config_field,
-    load_recipe,
+    task_config,
 )
 from ..errors import ConfigError
 
@@ -123,11 +122,7 @@ class DetConfig(BatchScaledConfig):
 
 
 def resolve_det_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> DetConfig:
-    values: dict[str, Any] = load_recipe(recipe, DetConfig, DET_RECIPES) if recipe else {}
-    values.update(overrides or {})
-    if isinstance(values.get("stage_norm"), str) and values["stage_norm"].lower() in ("none", "null"):
-        values["stage_norm"] = None
-    cfg = DetConfig(**coerce_types(DetConfig, values))
+    cfg = task_config(DetConfig, DET_RECIPES, recipe, overrides, nullable=("stage_norm",))
     check_choice(cfg, "arch", "bn", "pipeline", "no_decay", "optimizer", "amp")
     check_positive(cfg, "epochs", "batch_size", "lr_base_batch", "log_interval", "eval_interval", "min_size")
     check_positive(cfg, "max_size", "layer_decay_layers", "rpn_batch_size", "roi_batch_size")

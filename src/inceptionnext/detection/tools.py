@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from ..checkpoint import load_state_dict_checked
-from ..engine.checkpointing import read_task_config
+from ..engine.checkpointing import load_task_model
 from ..inference import find_images, read_image, unique_names
 from ..segmentation.tools import palette
 from .config import DetConfig
@@ -24,10 +23,7 @@ def load_detector(checkpoint: str | os.PathLike) -> tuple[Any, DetConfig, list[s
     """A trained detector from this package's checkpoint, with its config and class names."""
     from .engine import build_detector
 
-    cfg, ckpt = read_task_config(checkpoint, DetConfig, key="arch", task="detection", command="detect")
-    model = build_detector(cfg, len(ckpt["class_names"]))
-    load_state_dict_checked(model, ckpt["model"], source=str(checkpoint))
-    return model.eval(), cfg, list(ckpt["class_names"])
+    return load_task_model(checkpoint, DetConfig, build_detector, key="arch", task="detection", command="detect")
 
 
 def draw_detections(

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, read_checkpoint
+from ..checkpoint import CheckpointError, load_state_dict_checked, read_checkpoint
 
 __all__ = [
     "CheckpointWriteError",
     "atomic_save",
     "capture_rng",
     "load_exact",
+    "load_task_model",
     "read_task_config",
     "read_training_checkpoint",
     "restore_rng",
@@ -208,3 +209,16 @@ def read_task_config(checkpoint: str | os.PathLike, cfg_cls: type, *, key: str, 
             f"{checkpoint} has config keys this version does not know: {', '.join(unknown)} (a newer version's file?)"
         )
     return cfg_cls(**{**config, "pretrained": False, "backbone_checkpoint": None}), ckpt
+
+
+def load_task_model(
+    checkpoint: str | os.PathLike, cfg_cls: type, build: Callable[[Any, int], nn.Module], *, key: str, task: str,
+    command: str,
+) -> tuple[nn.Module, Any, list[str]]:  # fmt: skip
+    """``(model in eval mode, config, class names)`` of a task's training checkpoint: the config read and checked
+    as :func:`read_task_config` does, the model from ``build(config, number of classes)`` with the file's weights
+    (every key checked)."""
+    cfg, ckpt = read_task_config(checkpoint, cfg_cls, key=key, task=task, command=command)
+    model = build(cfg, len(ckpt["class_names"]))
+    load_state_dict_checked(model, ckpt["model"], source=str(checkpoint))
+    return model.eval(), cfg, list(ckpt["class_names"])

@@ -35,6 +35,7 @@ __all__ = [
     "load_recipe",
     "overrides_from_args",
     "resolve_config",
+    "task_config",
 ]
 
 #: mixed precision: auto = bf16 on CUDA when supported (else fp16); the CPU always runs fp32
@@ -223,6 +224,20 @@ def load_recipe(name_or_path: str | os.PathLike, cls: type = TrainConfig, packag
         )
     text = resources.files(package).joinpath(f"{name_or_path}.yaml").read_text()
     return {"recipe": name_or_path, **_read_yaml(text, f"recipe {name_or_path}", cls)}
+
+
+def task_config(
+    cls: type, package: str, recipe: str | os.PathLike | None, overrides: dict[str, Any] | None,
+    *, nullable: tuple[str, ...] = (),
+) -> Any:  # fmt: skip
+    """``cls`` from its defaults < the recipe (a name in ``package`` or a YAML path) < ``overrides``, with the YAML or
+    flag strings "none" / "null" of the ``nullable`` keys read as None; values are checked by the caller."""
+    values: dict[str, Any] = load_recipe(recipe, cls, package) if recipe else {}
+    values.update(overrides or {})
+    for key in nullable:
+        if isinstance(values.get(key), str) and values[key].lower() in ("none", "null"):
+            values[key] = None
+    return cls(**coerce_types(cls, values))
 
 
 def resolve_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -219,7 +219,6 @@ class TrainingRun:
         self.cfg, self.dist = cfg, dist
         self.out = Path(cfg.output)
         self.main = dist.is_main
-        self._rank_rng: list[Any] | None = None  # every process's RNG states at the last checkpoint (DDP)
         # progress is reported by the main process unless silenced; drawn as bars only on a terminal
         self.report_progress = self.main and os.environ.get("INCEPTIONNEXT_NO_PROGRESS") is None
         self.progress = self.report_progress and _is_terminal(sys.stderr)
@@ -550,10 +549,10 @@ class TrainingRun:
         stops every process, with the intact previous checkpoint named."""
         error, position = None, _position(self.epoch, self.step)
         # every process's generators: the detectors' proposal and RoI sampling draw different amounts per process
-        self._rank_rng = runtime.gather_objects(capture_rng()) if self.dist.distributed else None
+        rng = runtime.gather_objects(capture_rng())
         if self.main:
             try:
-                state = self.checkpoint_state()
+                state = self.checkpoint_state(rng)
                 self._save_file(state, "last.pth")
                 self.last_good = (self.out / "last.pth", position)
                 if is_best:
@@ -631,7 +630,9 @@ class TrainingRun:
             return None
         return dict(ckpt) if same else None
 
-    def checkpoint_state(self) -> dict[str, Any]:
+    def checkpoint_state(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Everything a resume needs; ``rng``: every process's generator states in rank order (default: this
+        process's alone)."""
         state: dict[str, Any] = {
             "model": self.model.state_dict(),
             "ema": self.ema.module.state_dict() if self.ema is not None else None,
@@ -641,9 +642,10 @@ class TrainingRun:
         }
         if self.epoch is not None:
             state["epoch"] = self.epoch
-        state.update(step=self.step, best=dict(self.best), rng=capture_rng(), config=self.cfg.to_dict())
-        if self._rank_rng is not None:
-            state["rng_per_rank"] = self._rank_rng
+        rng = rng or [capture_rng()]
+        state.update(step=self.step, best=dict(self.best), rng=rng[0], config=self.cfg.to_dict())
+        if len(rng) > 1:
+            state["rng_per_rank"] = rng
         state["world_size"] = self.dist.world_size
         state.update(self.task_state())
         state["git"] = git_revision()

@@ -12,9 +12,8 @@ from ..engine.config import (
     check_choice,
     check_positive,
     check_range,
-    coerce_types,
     config_field,
-    load_recipe,
+    task_config,
 )
 from ..engine.optim import NO_DECAY_RULES
 from .segmentor import SEG_HEADS
@@ -89,11 +88,7 @@ class SegConfig(BatchScaledConfig):
 
 
 def resolve_seg_config(recipe: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> SegConfig:
-    values: dict[str, Any] = load_recipe(recipe, SegConfig, SEG_RECIPES) if recipe else {}
-    values.update(overrides or {})
-    if isinstance(values.get("stage_norm"), str) and values["stage_norm"].lower() in ("none", "null"):
-        values["stage_norm"] = None
-    cfg = SegConfig(**coerce_types(SegConfig, values))
+    cfg = task_config(SegConfig, SEG_RECIPES, recipe, overrides, nullable=("stage_norm",))
     check_choice(cfg, "head", "eval_mode", "amp", "no_decay")
     check_positive(cfg, "iterations", "batch_size", "eval_interval", "lr_base_batch", "log_interval")
     check_range(cfg, "lr", low=0.0, low_open=True)

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..checkpoint import load_state_dict_checked
 from ..complexity import count_macs, count_params
-from ..engine.checkpointing import read_task_config
+from ..engine.checkpointing import load_task_model
 from ..inference import find_images, read_image, unique_names
 from .config import SegConfig
 from .data import EvalPipeline
@@ -26,10 +25,7 @@ def load_segmentor(checkpoint: str | os.PathLike) -> tuple[Any, SegConfig, list[
     """A trained segmentor from this package's checkpoint, with its config and class names."""
     from .engine import build_segmentor
 
-    cfg, ckpt = read_task_config(checkpoint, SegConfig, key="head", task="segmentation", command="segment")
-    model = build_segmentor(cfg, len(ckpt["class_names"]))
-    load_state_dict_checked(model, ckpt["model"], source=str(checkpoint))
-    return model.eval(), cfg, list(ckpt["class_names"])
+    return load_task_model(checkpoint, SegConfig, build_segmentor, key="head", task="segmentation", command="segment")
 
 
 def palette(n: int) -> np.ndarray:
