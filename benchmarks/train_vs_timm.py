@@ -20,7 +20,9 @@ Workloads (each an ImageFolder written by ``inceptionnext data make``):
     python benchmarks/train_vs_timm.py --timm-train /tmp/timm-repo/train.py --seeds 0 1 2
 
 Both trainers get the same hyper-parameters written out below (``timm_args``); everything not written is the
-trainer's default, as a new user would run it. Nothing here is timed inside a test.
+trainer's default, as a new user would run it: this package's include channels_last, persistent loader workers and,
+on the CPU, freed memory kept for reuse (``engine.runtime.keep_freed_cpu_memory``; ``INCEPTIONNEXT_KEEP_CPU_MEMORY=0``
+runs without it). Nothing here is timed inside a test.
 """
 
 from __future__ import annotations

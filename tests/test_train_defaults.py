@@ -434,3 +434,41 @@ def test_raw_and_ema_evaluated_in_one_pass_equal_separate_evaluations():
     for name, model in (("a", a), ("b", b)):
         assert both[name] == evaluate(model, batches, torch.device("cpu"), progress=False)
     assert both["a"] != both["b"]  # two different models, two different results
+
+
+_FREED_MEMORY_PROBE = """
+import sys, torch
+from inceptionnext.engine.runtime import keep_freed_cpu_memory
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+applied = keep_freed_cpu_memory() if sys.argv[1] == "keep" else False
+x = torch.ones(64 * 2**20 // 4)  # 64 MiB: above glibc's largest mmap threshold (32 MiB)
+held = rss_mib()
+del x
+after_free = rss_mib()
+print(applied, held - after_free)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_cpu_training_keeps_freed_activation_memory_for_reuse():
+    """A freed 64 MiB tensor goes back to the OS by default (its pages are zero-filled again on the next allocation);
+    after keep_freed_cpu_memory it stays in the process for the next one. INCEPTIONNEXT_KEEP_CPU_MEMORY=0 opts out."""
+
+    def probe(mode: str, **env: str) -> tuple[str, float]:
+        out = subprocess.run(
+            [sys.executable, "-c", _FREED_MEMORY_PROBE, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=os.environ | env,
+        ).stdout.split()
+        return out[0], float(out[1])
+
+    applied, released = probe("keep")
+    assert applied == "True" and released < 8, released  # kept: RSS did not drop by the tensor's 64 MiB
+    applied, released = probe("default")
+    assert applied == "False" and released > 56, released  # glibc's default: unmapped on free
+    applied, released = probe("keep", INCEPTIONNEXT_KEEP_CPU_MEMORY="0")
+    assert applied == "False" and released > 56, released

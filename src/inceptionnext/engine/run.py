@@ -776,6 +776,8 @@ def _is_collective_failure(e: RuntimeError) -> bool:
 def launch(run_cls: type[TrainingRun], cfg: RunConfig, *, resume: str | os.PathLike | None = None) -> dict[str, Any]:
     """Run ``run_cls`` in this process (set up and torn down around it); under torchrun call it in every process."""
     dist = init_distributed()
+    if dist.device.type == "cpu":  # the GPU's activations live in PyTorch's caching allocator already
+        runtime.keep_freed_cpu_memory()
     try:
         return run_cls(cfg, dist, resume=resume).run()
     finally:

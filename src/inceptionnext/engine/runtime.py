@@ -7,8 +7,11 @@ whatever it trains: NCCL on CUDA and gloo on CPU, one autocast factory, a GradSc
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -37,6 +40,7 @@ __all__ = [
     "gather_errors",
     "gather_objects",
     "init_distributed",
+    "keep_freed_cpu_memory",
     "wrap_ddp",
 ]
 
@@ -44,6 +48,35 @@ __all__ = [
 #: seconds a process waits for the others in a collective before it fails (a rank that died or hangs)
 DIST_TIMEOUT_ENV = "INCEPTIONNEXT_DIST_TIMEOUT"
 _DEFAULT_DIST_TIMEOUT_S = 1800.0  # generous: an evaluation or a checkpoint write on rank 0 can take minutes
+
+
+#: set to 0 to leave the C allocator as it is in CPU training (see :func:`keep_freed_cpu_memory`)
+KEEP_CPU_MEMORY_ENV = "INCEPTIONNEXT_KEEP_CPU_MEMORY"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
+
+
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse in this process (and the loader workers it forks).
+
+    By default glibc serves every block over 32 MiB with its own ``mmap`` and unmaps it on ``free``. A training step
+    on the CPU allocates and frees such blocks (an InceptionNeXt activation at 224 px and batch 32 is 64 MiB) dozens
+    of times, and the kernel zero-fills their pages again each time: 13% of the CPU time of an InceptionNeXt-A
+    step at batch 32 was spent in the kernel this way. With ``mmap`` off for ``malloc`` and the heap never trimmed,
+    the blocks are reused; the process keeps its peak memory until it ends, as PyTorch's CUDA allocator does on the
+    GPU. Numerics are untouched.
+
+    Returns whether it applied: only with glibc on Linux, and not when ``INCEPTIONNEXT_KEEP_CPU_MEMORY=0``.
+    """
+    if os.environ.get(KEEP_CPU_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # mallopt returns 1 on success; the trim threshold is an int: its largest value means "never trim"
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 @dataclass(frozen=True)
