@@ -255,7 +255,7 @@ def test_persistent_loader_workers_give_the_run_of_no_workers_and_resume_exactly
     """Workers live across epochs (persistent) and never see ``set_epoch``: the (epoch, index) keys still seed every
     sample with its epoch. Before the keys, the second epoch of a 2-worker run replayed the first one's crops and
     flips, so its weights differed from the in-process run's; a kill in epoch 2 + resume must also match."""
-    common = ("--no-model-ema", "--epochs", "2")
+    common = ("--no-model-ema", "--epochs", "2", "--reprob", "0.5")  # erasing: the main process's python RNG
     inproc = _run_cli(_cli_args(tmp_path / "w0", digits_folder, *common), capture_output=True)
     assert inproc.returncode == 0, inproc.stderr
     two = _run_cli(_cli_args(tmp_path / "w2", digits_folder, *common, "--workers", "2"), capture_output=True)
@@ -472,3 +472,45 @@ def test_cpu_training_keeps_freed_activation_memory_for_reuse():
     assert applied == "False" and released > 56, released  # glibc's default: unmapped on free
     applied, released = probe("keep", INCEPTIONNEXT_KEEP_CPU_MEMORY="0")
     assert applied == "False" and released > 56, released
+
+
+def test_random_erasing_is_applied_to_the_mixed_batch_in_the_main_process(tmp_path, digits_folder):
+    """The official runs (timm's train.py with its prefetcher) erase after Mixup/CutMix: the per-sample transform has
+    no erasing, and the model is given the erased mixed batch."""
+    from timm.data.random_erasing import RandomErasing
+
+    from inceptionnext.engine.classification import ClassificationRun
+    from inceptionnext.engine.runtime import init_distributed
+
+    cfg = _cfg(tmp_path / "run", digits_folder, reprob=1.0, mixup=0.8, model_ema=False)
+    run = ClassificationRun(cfg, init_distributed("cpu"))
+    run.build()
+    assert not any(isinstance(t, RandomErasing) for t in run.train_set.transform.transforms)
+    assert isinstance(run.erasing, RandomErasing) and run.erasing.probability == 1.0 and run.erasing.per_pixel
+    calls: list[tuple[str, torch.Tensor]] = []
+    mixup, erasing = run.mixup, run.erasing
+
+    def record(name, fn):
+        def wrapped(x, *rest):
+            out = fn(x.clone(), *rest)
+            calls.append((name, (out[0] if isinstance(out, tuple) else out).clone()))
+            return out
+
+        return wrapped
+
+    class Stop(Exception):
+        pass
+
+    def first_forward(module, args):
+        calls.append(("forward", args[0].clone()))
+        raise Stop
+
+    run.mixup, run.erasing = record("mixup", mixup), record("erasing", erasing)
+    run.model.register_forward_pre_hook(first_forward)
+    with pytest.raises(Stop):
+        run.train_one_epoch(0)
+    assert [name for name, _ in calls] == ["mixup", "erasing", "forward"]
+    mixed, erased, given = (x for _, x in calls)
+    assert torch.equal(given, erased)
+    changed = (erased != mixed).any(dim=1)  # (batch, h, w): the erased pixels of each image
+    assert changed.flatten(1).any(dim=1).all()  # probability 1: every image has its region

@@ -10,7 +10,7 @@ from .datasets import (
 )
 from .images import IMAGE_SUFFIXES, ImageError, read_image
 from .streams import HFImageDataset, ShardStream, build_dataset, pack_image_folder
-from .transforms import build_transform, eval_preprocessing
+from .transforms import batch_erasing, build_transform, eval_preprocessing
 
 __all__ = [
     "DataError",
@@ -25,6 +25,7 @@ __all__ = [
     "ShardStream",
     "UnreadableImage",
     "build_dataset",
+    "batch_erasing",
     "build_transform",
     "collate_readable",
     "eval_preprocessing",

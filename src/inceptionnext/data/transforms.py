@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import torch
 from PIL import Image, ImageOps
 from timm.data import create_transform
+from timm.data.random_erasing import RandomErasing
 
 from ..models.pretrained import resolve_data_config
 
-__all__ = ["AugmentSettings", "build_transform", "eval_preprocessing"]
+__all__ = ["AugmentSettings", "batch_erasing", "build_transform", "eval_preprocessing"]
 
 
 class AugmentSettings(Protocol):
@@ -44,6 +46,8 @@ def eval_preprocessing(cfg: AugmentSettings, model_cfg: Mapping[str, Any]) -> di
 
 
 def build_transform(cfg: AugmentSettings, model_cfg: Mapping[str, Any], is_training: bool):
+    """The per-sample transform: timm's ``create_transform`` with the run's settings. Training leaves random erasing
+    out: it is applied to the batch after Mixup/CutMix (:func:`batch_erasing`), where the official runs applied it."""
     pre = eval_preprocessing(cfg, model_cfg)
     if not is_training:
         return create_transform(**pre, is_training=False)
@@ -59,11 +63,22 @@ def build_transform(cfg: AugmentSettings, model_cfg: Mapping[str, Any], is_train
             interpolation=cfg.train_interpolation,  # "random": bilinear or bicubic per crop (the official default)
             mean=pre["mean"],
             std=pre["std"],
-            re_prob=cfg.reprob,
-            re_mode="pixel",
-            re_count=1,
+            re_prob=0.0,  # on the batch, after Mixup: batch_erasing
         )
     )
+
+
+def batch_erasing(cfg: AugmentSettings, device: torch.device) -> RandomErasing | None:
+    """Random erasing (probability ``cfg.reprob``, one region of per-pixel normal noise, as the official runs) for
+    normalised training batches, applied after Mixup/CutMix; ``None`` when ``reprob`` is 0.
+
+    This is the order of the official training script (timm's ``train.py``, whose default prefetcher mixes the
+    batch in its collate function and then erases each mixed image on the device): an erased region hides both mixed
+    images. Each image of the batch is erased or not on its own, from the process's RNG (saved in the checkpoints).
+    """
+    if cfg.reprob <= 0:
+        return None
+    return RandomErasing(probability=cfg.reprob, mode="pixel", max_count=1, device=str(device))
 
 
 def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

@@ -28,6 +28,7 @@ from ..data import (
     ReadableBatches,
     SeededTransform,
     ShardStream,
+    batch_erasing,
     build_dataset,
     build_transform,
     collate_readable,
@@ -279,6 +280,7 @@ class ClassificationRun(TrainingRun):
         )
         self.clip_grad = cfg.clip_grad
 
+        self.erasing = batch_erasing(cfg, dist.device)
         self.mixup = None
         if cfg.mixup > 0 or cfg.cutmix > 0:
             self.mixup = Mixup(
@@ -361,6 +363,8 @@ class ClassificationRun(TrainingRun):
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.mixup is not None:
                 x, y = self.mixup(x, y)
+            if self.erasing is not None:  # after Mixup/CutMix, as the official runs (data.transforms.batch_erasing)
+                x = self.erasing(x)
             update = (micro + 1) % accum == 0
             with self.no_sync(update):
                 with self.autocast():

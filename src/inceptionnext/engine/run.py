@@ -38,6 +38,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 import time
 from collections.abc import Iterable, Mapping
@@ -310,14 +311,16 @@ class TrainingRun:
     # ---------------------------------------------------------------------------------------------- life cycle
     def run(self) -> dict[str, Any]:
         """Build, resume if there is something to resume, train, and write the run's summary."""
-        torch.manual_seed(self.cfg.seed)
-        np.random.seed(self.cfg.seed)
+        seed_everything(self.cfg.seed)  # the same initial weights in every process
         error, ckpt, source = None, None, self.resume_from
         try:
             self._check_output()
             self.build()
             if self.model is None or self.optimizer is None:
                 raise RuntimeError(f"{type(self).__name__}.build() must register a model (self.wrap) and an optimizer")
+            # the training loop's own draws (drop path, Mixup/CutMix, erasing, RoI sampling) differ between processes,
+            # as in timm's train.py; a resume replaces these with each process's saved states
+            seed_everything(self.cfg.seed + self.dist.rank)
             if source is None and (self.out / "last.pth").exists():
                 source = self.out / "last.pth"
             ckpt = self.resume(source) if source is not None else None
@@ -741,6 +744,13 @@ class TrainingRun:
         if resumed_from is not None:
             resolved["resumed_from"] = str(resumed_from)
         (self.out / "config.yaml").write_text(yaml.safe_dump(resolved | self.config_extras(), sort_keys=False))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's generators, numpy's and python's global RNGs."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def _is_terminal(stream: Any) -> bool:
