@@ -314,10 +314,10 @@ def _torchrun(*args: str, env: dict | None = None, timeout: int = 180) -> subpro
 
 
 def test_torchrun_with_a_rank_killed_mid_epoch_stops_and_resumes(tmp_path):
-    """torchrun stops the survivor; a relaunch resumes and ends where an uninterrupted run ends. (Both toy ranks
-    draw the same batches and dropout masks, so DDP averages two equal gradients, exactly: the reference is a
-    single-process run.)"""
-    train_toy(ToyConfig(str(tmp_path / "full")))
+    """torchrun stops the survivor; a relaunch resumes and ends where an uninterrupted 2-process run ends (each
+    process draws its own dropout masks, from seed + rank, and continues its own stream after the resume)."""
+    full = _torchrun(str(CORE_SCRIPT), str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
     cut = tmp_path / "cut"
     killed = _torchrun(str(CORE_SCRIPT), str(cut), env={FAULT_ENV: "12", FAULT_RANK_ENV: "1"})  # rank 1, epoch 2
     assert killed.returncode != 0
@@ -327,6 +327,8 @@ def test_torchrun_with_a_rank_killed_mid_epoch_stops_and_resumes(tmp_path):
     assert "resumed from" in (cut / "log.txt").read_text()
     a, b = _ckpt(tmp_path / "full" / "last.pth"), _ckpt(cut / "last.pth")
     assert b["world_size"] == 2
+    rank0, rank1 = b["rng_per_rank"]  # seed + rank: the processes' streams differ
+    assert not torch.equal(rank0["torch"], rank1["torch"]) and rank0["python"] != rank1["python"]
     for k in a["model"]:
         assert torch.equal(b["model"][k], a["model"][k]), k
     assert _rows(cut) == ["1", "2", "3"]
