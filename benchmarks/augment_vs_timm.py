@@ -10,7 +10,7 @@ one of ``train_vs_timm.py``'s photos runs), reads N epochs of training batches f
 ImageFolder with the run's recipe, and prints the model's mean loss and top-1 against the (mixed) targets, with their
 standard errors. Equal losses within a few standard errors: the pipelines are equally hard for this model.
 
-    python benchmarks/augment_vs_timm.py --run output/train_vs_timm/photos/ours/seed0 --epochs 16
+    python benchmarks/augment_vs_timm.py --run output/train_vs_timm/photos/ours/seed0 --epochs 12
 
 The run's config must use Mixup/CutMix (the photos workload does). Nothing here is timed inside a test.
 """

@@ -86,7 +86,7 @@ def n_train(folder: Path) -> int:
     return sum(1 for p in (folder / "train").rglob("*") if p.is_file())
 
 
-def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: int, device: str) -> float:
+def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: int, device: str) -> list[float]:
     cmd = [sys.executable, "-m", "inceptionnext", "train", *w["ours"], "--data", str(data), "--output", str(out)]
     # the trainer takes CUDA when there is one; --device cpu hides it, so both trainers run where they were told
     env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" else {}
@@ -94,9 +94,13 @@ def run_ours(w: dict, data: Path, out: Path, seed: int, epochs: int, workers: in
         cmd += ["--amp", "bf16"]
     cmd += ["--seed", str(seed), "--epochs", str(epochs), "--workers", str(workers)]
     _run(cmd, out, env)
-    last = json.loads((out / "summary.json").read_text())["last"]
-    key = "ema_top1" if w["top1"] == "ema" else "val_top1"
-    return float(last[key])
+    return top1_of_ours(out, w["top1"])
+
+
+def top1_of_ours(out: Path, which: str) -> list[float]:
+    """Top-1 after every epoch of one of this package's runs (``metrics.csv``): the EMA model's or the raw one's."""
+    with open(out / "metrics.csv") as f:
+        return [float(r["ema_top1" if which == "ema" else "val_top1"]) for r in csv.DictReader(f)]
 
 
 # timm's RandAugment keeps 0 bits in posterize when the noisy magnitude is clipped at 10, which Pillow >= 10 refuses
@@ -118,7 +122,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def run_timm(
     w: dict, train_py: Path, data: Path, out: Path, seed: int, epochs: int, workers: int, device: str
-) -> float:
+) -> list[float]:
     cmd = [sys.executable, "-c", _TIMM_LAUNCH, str(train_py), "--data-dir", str(data), "--train-split", "train"]
     cmd += ["--val-split", "val"]
     cmd += ["--num-classes", "10", "--device", device, "--output", str(out.parent), "--experiment", out.name]
@@ -126,9 +130,13 @@ def run_timm(
     if device == "cuda":  # the same bf16 autocast as this package's run; pinned memory as this package's default
         cmd += ["--amp", "--amp-dtype", "bfloat16", "--pin-mem"]
     _run(cmd, out, {})
+    return top1_of_timm(out)
+
+
+def top1_of_timm(out: Path) -> list[float]:
+    """Top-1 after every epoch of a timm ``train.py`` run (``summary.csv``; the EMA model's when ``--model-ema``)."""
     with open(out / "summary.csv") as f:
-        rows = list(csv.DictReader(f))
-    return float(rows[-1]["eval_top1"])
+        return [float(r["eval_top1"]) for r in csv.DictReader(f)]
 
 
 def _run(cmd: list[str], out: Path, env: dict[str, str]) -> None:
@@ -138,6 +146,33 @@ def _run(cmd: list[str], out: Path, env: dict[str, str]) -> None:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if r.returncode != 0:
         raise SystemExit(f"failed ({r.returncode}): {' '.join(cmd)}\nsee {out.parent / (out.name + '.log')}")
+
+
+#: top-1 is also averaged over the last epochs: on small sets it moves by several points between neighbouring epochs
+LAST_K = 3
+
+
+def report(name: str, which: str, epochs: int, images: int, res: dict[str, dict[str, list]]) -> str:
+    """The workload's table: median wall time, img/s, top-1 (last epoch, and the mean of the last epochs), ratio,
+    and the per-seed difference of top-1 (ours - timm) with its standard error over seeds."""
+    med = {k: statistics.median(v["wall"]) for k, v in res.items()}
+    late = {k: [statistics.mean(c[-LAST_K:]) for c in v["curve"]] for k, v in res.items()}
+    head = f"top-1 ({which})"
+    lines = [
+        f"\n{name} ({epochs} epochs, {images // epochs} train images, {len(res['ours']['wall'])} seeds)",
+        f"{'':6s} {'median wall s':>14s} {'img/s':>8s} {head:>16s} {f'last-{LAST_K} mean':>16s}",
+    ]
+    lines += [
+        f"{k:6s} {med[k]:14.1f} {images / med[k]:8.1f} {summarize(res[k]['top1']):>16s} {summarize(late[k]):>16s}"
+        for k in res
+    ]
+    per_seed = ", ".join(f"{t / o:.2f}" for o, t in zip(res["ours"]["wall"], res["timm"]["wall"]))
+    lines.append(f"throughput ours / timm: {med['timm'] / med['ours']:.2f}x  (per-seed: {per_seed})")
+    for label, a, b in (("last epoch", res["ours"]["top1"], res["timm"]["top1"]), (f"last-{LAST_K}", *late.values())):
+        d = [x - y for x, y in zip(a, b)]
+        se = statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan")
+        lines.append(f"top-1 ours - timm ({label}): {statistics.mean(d):+.2f} +- {se:.2f} (standard error over seeds)")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(xs: list[float]) -> str:
@@ -173,7 +208,7 @@ def main() -> None:
         epochs = args.epochs[i] if args.epochs else w["epochs"]
         data = make_data(args.out / "data", name)
         images = n_train(data) * epochs
-        res: dict[str, dict[str, list[float]]] = {k: {"wall": [], "top1": []} for k in ("ours", "timm")}
+        res: dict[str, dict[str, list]] = {k: {"wall": [], "top1": [], "curve": []} for k in ("ours", "timm")}
         for j, seed in enumerate(args.seeds):
             order = ("ours", "timm") if j % 2 == 0 else ("timm", "ours")
             for who in order:
@@ -182,22 +217,19 @@ def main() -> None:
                     raise SystemExit(f"{out} exists: give a new --out (runs are never overwritten)")
                 t0 = time.perf_counter()
                 if who == "ours":
-                    top1 = run_ours(w, data, out, seed, epochs, args.workers, args.device)
+                    curve = run_ours(w, data, out, seed, epochs, args.workers, args.device)
                 else:
-                    top1 = run_timm(w, args.timm_train, data, out, seed, epochs, args.workers, args.device)
+                    curve = run_timm(w, args.timm_train, data, out, seed, epochs, args.workers, args.device)
                 wall = time.perf_counter() - t0
                 res[who]["wall"].append(wall)
-                res[who]["top1"].append(top1)
-                print(f"{name} seed {seed} {who:4s}: {wall:7.1f} s  {images / wall:7.1f} img/s  top-1 {top1:.2f}")
-        med = {k: statistics.median(v["wall"]) for k, v in res.items()}
+                res[who]["top1"].append(curve[-1])
+                res[who]["curve"].append(curve)
+                print(
+                    f"{name} seed {seed} {who:4s}: {wall:7.1f} s  {images / wall:7.1f} img/s  top-1 {curve[-1]:.2f}"
+                    f"  (mean of the last {LAST_K} epochs {statistics.mean(curve[-LAST_K:]):.2f})"
+                )
         results[name] = {"epochs": epochs, "train_images": images // epochs, "runs": res}
-        print(
-            f"\n{name} ({epochs} epochs, {images // epochs} train images, {len(args.seeds)} seeds)\n"
-            f"{'':6s} {'median wall s':>14s} {'img/s':>8s} {'top-1 (' + w['top1'] + ')':>16s}\n"
-            + "".join(f"{k:6s} {med[k]:14.1f} {images / med[k]:8.1f} {summarize(res[k]['top1']):>16s}\n" for k in res)
-            + f"throughput ours / timm: {med['timm'] / med['ours']:.2f}x  "
-            f"(per-seed: {', '.join(f'{t / o:.2f}' for o, t in zip(res['ours']['wall'], res['timm']['wall']))})\n"
-        )
+        print(report(name, w["top1"], epochs, images, res))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n")
 

@@ -626,23 +626,14 @@ def measure(
 
 
 def tune_glibc_malloc() -> None:
-    """Make glibc serve every allocation from its heap and keep freed memory (``mallopt(M_MMAP_MAX, 0)``,
-    ``M_TRIM_THRESHOLD`` at its maximum), as ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would at start-up.
+    """Keep freed memory in glibc's heap for every model measured in this process
+    (:func:`inceptionnext.engine.runtime.glibc_keep_freed_memory`): by default every large activation of an eager CPU
+    forward pass is page-faulted and zeroed by the kernel again, which at 224 px and batch 32 halves the throughput
+    of an eager InceptionNeXt-T. Raises ``RuntimeError`` where the C library is not glibc."""
+    from .engine.runtime import glibc_keep_freed_memory
 
-    By default glibc maps every allocation above 32 MiB afresh, so each large activation of an eager CPU forward pass
-    is page-faulted and zeroed by the kernel: at 224 px and batch 32 that halves the throughput of an eager
-    InceptionNeXt-T. This affects every model in the process equally (it is not specific to this package) and keeps
-    the peak memory of the process reserved. Raises ``RuntimeError`` where the C library is not glibc.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError as e:
-        raise RuntimeError(f"tune_glibc_malloc needs glibc: {e}") from None
-    m_trim_threshold, m_mmap_max = -1, -4
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
-        raise RuntimeError("mallopt failed: is this glibc?")
+    if not glibc_keep_freed_memory():
+        raise RuntimeError("tune_glibc_malloc needs glibc's mallopt (Linux with glibc)")
 
 
 def matmul_rate(device: str | torch.device = "cpu", n: int = 2048, repeats: int = 10, dtype=torch.float32) -> float:

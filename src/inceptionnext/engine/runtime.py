@@ -39,6 +39,7 @@ __all__ = [
     "dist_timeout",
     "gather_errors",
     "gather_objects",
+    "glibc_keep_freed_memory",
     "init_distributed",
     "keep_freed_cpu_memory",
     "wrap_ddp",
@@ -55,28 +56,36 @@ KEEP_CPU_MEMORY_ENV = "INCEPTIONNEXT_KEEP_CPU_MEMORY"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc <malloc.h>
 
 
-def keep_freed_cpu_memory() -> bool:
-    """Make glibc's ``malloc`` keep freed memory for reuse in this process (and the loader workers it forks).
+def glibc_keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` serve every block from its heap and keep freed memory for reuse, in this process and
+    the processes it forks from now on (``mallopt``: ``M_MMAP_MAX`` 0, ``M_TRIM_THRESHOLD`` at its maximum), as
+    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` would at start-up. Returns False where the C library is not
+    glibc (musl has no ``mallopt``) and nothing changed.
 
-    By default glibc serves every block over 32 MiB with its own ``mmap`` and unmaps it on ``free``. A training step
-    on the CPU allocates and frees such blocks (an InceptionNeXt activation at 224 px and batch 32 is 64 MiB) dozens
-    of times, and the kernel zero-fills their pages again each time: 13% of the CPU time of an InceptionNeXt-A
-    step at batch 32 was spent in the kernel this way. With ``mmap`` off for ``malloc`` and the heap never trimmed,
-    the blocks are reused; the process keeps its peak memory until it ends, as PyTorch's CUDA allocator does on the
-    GPU. Numerics are untouched.
-
-    Returns whether it applied: only with glibc on Linux, and not when ``INCEPTIONNEXT_KEEP_CPU_MEMORY=0``.
+    By default glibc serves every block over 32 MiB with its own ``mmap`` and unmaps it on ``free``, so each large
+    activation of an eager CPU step is page-faulted and zero-filled by the kernel again: an InceptionNeXt-A activation
+    at 224 px and batch 32 is 64 MiB. With this the blocks are reused, and the process keeps its peak memory until it
+    ends, as PyTorch's caching allocator does on a GPU. It affects every model in the process alike; numerics are
+    untouched.
     """
-    if os.environ.get(KEEP_CPU_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # mallopt returns 1 on success; the trim threshold is an int: its largest value means "never trim"
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def keep_freed_cpu_memory() -> bool:
+    """What a CPU training launch calls: :func:`glibc_keep_freed_memory` unless ``INCEPTIONNEXT_KEEP_CPU_MEMORY=0``.
+    In a photos training run (InceptionNeXt-A, 224 px, batch 32) the kernel's page zeroing was 13% of the CPU time
+    without it. Returns whether it applied."""
+    if os.environ.get(KEEP_CPU_MEMORY_ENV, "1") == "0":
+        return False
+    return glibc_keep_freed_memory()
 
 
 @dataclass(frozen=True)
