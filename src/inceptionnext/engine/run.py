@@ -319,8 +319,10 @@ class TrainingRun:
             if self.model is None or self.optimizer is None:
                 raise RuntimeError(f"{type(self).__name__}.build() must register a model (self.wrap) and an optimizer")
             # the training loop's own draws (drop path, Mixup/CutMix, erasing, RoI sampling) differ between processes,
-            # as in timm's train.py; a resume replaces these with each process's saved states
-            seed_everything(self.cfg.seed + self.dist.rank)
+            # as in timm's train.py (process 0, and a single process, go on with the stream the model was built from);
+            # a resume replaces these with each process's saved states
+            if self.dist.rank > 0:
+                seed_everything(self.cfg.seed + self.dist.rank)
             if source is None and (self.out / "last.pth").exists():
                 source = self.out / "last.pth"
             ckpt = self.resume(source) if source is not None else None
